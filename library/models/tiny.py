@@ -1,0 +1,190 @@
+"""Tiny random-weight SD1 / SD2 / SDXL models with the real module structure and names.
+
+Used by the tests, the quickstart and the benchmarks. Every component has the same class,
+block layout and parameter names as the full-size model, at tiny widths: 64 px images,
+8x8 latents, text encoders of width 32 (SDXL's second text encoder: 64, so diffusers'
+single-file loader can tell the two apart by width). Building a model takes about a second
+and is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from library.models.families import Family
+
+# A small English word list: each becomes a single token of the tiny tokenizer, so short
+# captions tokenize into a realistic number of tokens. Other words fall back to characters.
+TINY_WORDS = (
+    "a an the of and with in on at to for from by is are photo picture image painting drawing "
+    "portrait close up closeup view high quality detailed best masterpiece background white black "
+    "red green blue yellow orange brown gray grey pink purple dog cat person man woman girl boy "
+    "face hair eyes sitting standing looking outdoors indoors grass tree sky cloud clouds water "
+    "flower flowers house street city car rocket astronaut coffee cup motorcycle space star stars "
+    "sks ohwx style token wall table window light dark sunny day night snow beach mountain"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-to-printable-character table (a published, fixed mapping)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def tiny_vocab_and_merges(words: tuple[str, ...] | list[str] = TINY_WORDS) -> tuple[dict[str, int], list[str]]:
+    """A CLIP-style BPE vocabulary: all byte symbols (with and without ``</w>``), whole-word
+    tokens for ``words`` built by left-to-right merges, then the two special tokens."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    seen = set(vocab_list)
+    for word in words:
+        chars = list(word)
+        chars[-1] += "</w>"
+        cur = chars[0]
+        for nxt in chars[1:]:
+            merged = cur + nxt
+            if merged not in seen:
+                merges.append(f"{cur} {nxt}")
+                vocab_list.append(merged)
+                seen.add(merged)
+            cur = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def tiny_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A ``CLIPTokenizer`` with the tiny vocabulary (SD2 and SDXL's second tokenizer pad with "!")."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab_and_merges()
+    tok = CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], pad_token=pad_token)
+    tok.model_max_length = 77
+    return tok
+
+
+@dataclass
+class TinyModel:
+    """The components of a tiny model, as diffusers/transformers objects."""
+
+    family: Family
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+
+
+def _text_encoder(vocab_size: int, width: int, act: str, with_projection: bool, tok) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=width,
+        intermediate_size=width * 2,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=width,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(cfg)
+
+
+def unet_config(family: Family) -> dict:
+    """Tiny UNet2DConditionModel config with the family's real block layout."""
+    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8)
+    if family is Family.SDXL:
+        return dict(
+            common,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64),
+            transformer_layers_per_block=(1, 2, 2),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=96,  # 32 (TE1) + 64 (TE2)
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=64 + 6 * 8,
+        )
+    cfg = dict(
+        common,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(32, 32, 64, 64),
+        cross_attention_dim=32,
+        attention_head_dim=4,
+    )
+    if family is Family.SD2:
+        cfg.update(attention_head_dim=(2, 2, 4, 4), use_linear_projection=True)
+    return cfg
+
+
+def vae_config(family: Family) -> dict:
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=0.13025 if family is Family.SDXL else 0.18215,
+    )
+
+
+def scheduler_config(v_prediction: bool = False) -> dict:
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="v_prediction" if v_prediction else "epsilon",
+    )
+
+
+def build_tiny_model(family: Family, seed: int = 0, v_prediction: bool = False) -> TinyModel:
+    """Build a tiny random-weight model of ``family``; same seed, same weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        tok1 = tiny_tokenizer()
+        if family is Family.SDXL:
+            tok2 = tiny_tokenizer(pad_token="!")
+            te1 = _text_encoder(len(tok1), 32, "quick_gelu", False, tok1)
+            te2 = _text_encoder(len(tok2), 64, "gelu", True, tok2)
+            tes, toks = [te1, te2], [tok1, tok2]
+        elif family is Family.SD2:
+            tok1 = tiny_tokenizer(pad_token="!")
+            tes, toks = [_text_encoder(len(tok1), 32, "gelu", False, tok1)], [tok1]
+        else:
+            tes, toks = [_text_encoder(len(tok1), 32, "quick_gelu", False, tok1)], [tok1]
+        unet = UNet2DConditionModel(**unet_config(family))
+        vae = AutoencoderKL(**vae_config(family))
+    finally:
+        torch.random.set_rng_state(gen_state)
+    for m in [unet, vae, *tes]:
+        m.eval().requires_grad_(False)
+    return TinyModel(family, unet, vae, tes, toks, scheduler_config(v_prediction))
