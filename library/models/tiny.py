@@ -188,3 +188,18 @@ def build_tiny_model(family: Family, seed: int = 0, v_prediction: bool = False) 
     for m in [unet, vae, *tes]:
         m.eval().requires_grad_(False)
     return TinyModel(family, unet, vae, tes, toks, scheduler_config(v_prediction))
+
+
+def tiny_loaded_model(family: Family, seed: int = 0, v_prediction: bool = False):
+    """A tiny model as a :class:`library.models.loading.LoadedModel`, ready to save in either layout."""
+    from library.models.loading import LoadedModel, _te_config_dict
+
+    m = build_tiny_model(family, seed=seed, v_prediction=v_prediction)
+    cfg = {
+        "family": family.value,
+        "unet": unet_config(family),
+        "vae": vae_config(family),
+        "text_encoders": [{"cls": type(t).__name__, "config": _te_config_dict(t)} for t in m.text_encoders],
+        "scheduler": m.scheduler_config,
+    }
+    return LoadedModel(family, m.unet, m.vae, m.text_encoders, m.tokenizers, m.scheduler_config, v_prediction, cfg)

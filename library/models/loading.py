@@ -1,0 +1,300 @@
+"""Load a Stable Diffusion base model — single file (original layout) or diffusers folder — offline.
+
+One entry point, :func:`load_models`, with kohya's options (``--pretrained_model_name_or_path``,
+``--v2``, ``--v_parameterization``, ``--vae``, ``--tokenizer_cache_dir``). The family (SD1.x, SD2.x,
+SDXL) is detected from the file's keys or the folder's configs. Single files are read tensor by
+tensor into meta-initialised models, so peak memory stays near one copy of the weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from library.errors import ModelLoadError
+from library.models import original_layout as ol
+from library.models.checkpoint import CheckpointReader
+from library.models.families import Family
+from library.models.tokenizers import load_tokenizers
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """The components of a base model, plus what is needed to save it again losslessly."""
+
+    family: Family
+    unet: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
+    scheduler_config: dict
+    v_parameterization: bool = False
+    model_config: dict = field(default_factory=dict)
+    source: str | None = None
+    # original-layout keys of the source file that no component uses (EMA weights, SD2's unused last
+    # text-encoder layer, position_ids, ...); they are copied back when saving in the original layout.
+    passthrough_keys: list[str] = field(default_factory=list)
+
+    @property
+    def v2(self) -> bool:
+        return self.family is Family.SD2
+
+
+def shipped_model_config(family: Family, v_parameterization: bool = False) -> dict:
+    """The diffusers configs of the real architecture of ``family`` (shipped with sdtk, never downloaded)."""
+    text = resources.files("library.models").joinpath(f"configs/{family.value}.json").read_text()
+    cfg = json.loads(text)
+    if family is Family.SD2 and not v_parameterization:
+        cfg["unet"]["sample_size"] = 64  # SD2 512-base
+        cfg["vae"]["sample_size"] = 512
+    if v_parameterization:
+        cfg["scheduler"]["prediction_type"] = "v_prediction"
+    return cfg
+
+
+# --------------------------------------------------------------------------------- detection
+def detect_family_from_keys(keys: Iterable[str], path: str) -> Family:
+    keys = set(keys)
+    if any(k.startswith(("lora_unet_", "lora_te", "lora_")) or ".lora_down." in k or ".lora_A." in k for k in keys):
+        raise ModelLoadError(
+            f"{path} is a LoRA (network weights), not a base model: pass a base checkpoint with "
+            "--pretrained_model_name_or_path and the LoRA with --network_weights"
+        )
+    if "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
+        return Family.SDXL
+    if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
+        raise ModelLoadError(f"{path} is an SDXL refiner checkpoint; sdtk trains SDXL base models only")
+    if "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
+        return Family.SD2
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+        return Family.SD1
+    if any(k.startswith(("encoder.conv_in", "decoder.conv_in", "first_stage_model.")) for k in keys) and not any(
+        k.startswith("model.diffusion_model.") for k in keys
+    ):
+        raise ModelLoadError(f"{path} is a VAE, not a full model: pass it with --vae and a base model separately")
+    raise ModelLoadError(
+        f"{path} is not a Stable Diffusion checkpoint sdtk recognises (no SD1.x/SD2.x/SDXL text-encoder keys found)"
+    )
+
+
+def _check_family(family: Family, v2: bool, expected: Iterable[Family] | None, path: str) -> None:
+    if expected is not None and family not in set(expected):
+        raise ModelLoadError(
+            f"{path} is an {family.pretty} model; use {family.train_network_script} for it "
+            f"(this script trains {', '.join(f.pretty for f in expected)})"
+        )
+    if v2 and family is not Family.SD2:
+        raise ModelLoadError(f"{path} is an {family.pretty} model but --v2 was given; --v2 is only for SD2.x models")
+    if family is Family.SD2 and not v2:
+        logger.warning("%s is an SD2.x model; treating it as if --v2 had been given", path)
+
+
+# ------------------------------------------------------------------------------- construction
+def _te_class(name: str):
+    import transformers
+
+    if name not in ("CLIPTextModel", "CLIPTextModelWithProjection"):
+        raise ModelLoadError(f"unsupported text encoder class {name!r}")
+    return getattr(transformers, name)
+
+
+def _empty_models(cfg: dict):
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(cfg["unet"])
+        vae = AutoencoderKL.from_config(cfg["vae"])
+        tes = [_te_class(t["cls"])(CLIPTextConfig(**t["config"])) for t in cfg["text_encoders"]]
+    return unet, vae, tes
+
+
+def _assign(model, sd: dict, what: str, path: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or wrong:
+        detail = f"missing {missing[:3]}" if missing else f"shape mismatch for {wrong[:3]}"
+        raise ModelLoadError(
+            f"{path}: the {what} weights do not fit the expected architecture ({detail}); "
+            "the file may be damaged, or of a model type sdtk does not support"
+        )
+    model.load_state_dict({k: sd[k] for k in own}, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+
+
+def load_single_file(path: str, *, v2: bool = False, v_parameterization: bool = False, allow_pickle: bool = False,
+                     dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None,
+                     skip_vae: bool = False):
+    """Load UNet, VAE and text encoders from an original-layout file. Returns (LoadedModel without tokenizers)."""
+    reader = CheckpointReader(path, allow_pickle=allow_pickle)
+    family = detect_family_from_keys(reader.keys(), path)
+    _check_family(family, v2, expected, path)
+    cfg = reader.embedded_model_config()
+    if cfg is not None and cfg.get("family") != family.value:
+        cfg = None
+    if cfg is None:
+        cfg = shipped_model_config(family, v_parameterization)
+    v_param = v_parameterization or cfg["scheduler"].get("prediction_type") == "v_prediction"
+    unet, vae, tes = _empty_models(cfg)
+
+    _assign(unet, ol.unet_from_original(reader.read_prefix(ol.UNET_PREFIX, dtype), cfg["unet"]), "UNet", path)
+    if not skip_vae:
+        _assign(vae, ol.vae_from_original(reader.read_prefix(ol.VAE_PREFIX, dtype), cfg["vae"]), "VAE", path)
+    for te, (prefix, open_clip) in zip(tes, ol.TE_PREFIXES[family]):
+        raw = reader.read_prefix(prefix, dtype)
+        sd = ol.open_clip_from_original(raw, prefix, te) if open_clip else ol.clip_from_original(raw, prefix)
+        if hasattr(te, "text_model"):  # CLIPTextModelWithProjection keeps the wrapper in transformers 5
+            sd = {k if k.startswith("text_projection") else "text_model." + k: v for k, v in sd.items()}
+        _assign(te, sd, "text encoder", path)
+        del raw
+
+    model = LoadedModel(family, unet, vae, tes, [], copy.deepcopy(cfg["scheduler"]), v_param, cfg, str(path))
+    produced = set(original_keys_of(model))
+    model.passthrough_keys = [k for k in reader.keys() if k not in produced]
+    return model
+
+
+def original_keys_of(model: LoadedModel) -> list[str]:
+    """Original-layout keys that saving ``model`` produces (names only; no tensor is copied)."""
+    from library.models.saving import to_original_state_dict
+
+    return list(to_original_state_dict(model, dry_run=True).keys())
+
+
+def _diffusers_family(folder: Path) -> Family:
+    unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
+    if unet_cfg.get("addition_embed_type") == "text_time":
+        return Family.SDXL
+    te_cfg_path = folder / "text_encoder" / "config.json"
+    te_cfg = json.loads(te_cfg_path.read_text()) if te_cfg_path.exists() else {}
+    if te_cfg.get("hidden_act") == "gelu" or unet_cfg.get("cross_attention_dim") == 1024:
+        return Family.SD2
+    return Family.SD1
+
+
+def load_diffusers_folder(folder: str, *, v2: bool = False, v_parameterization: bool = False,
+                          dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None,
+                          skip_vae: bool = False):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    root = Path(folder)
+    if not (root / "unet" / "config.json").exists():
+        raise ModelLoadError(f"{folder} is not a diffusers model folder (unet/config.json not found)")
+    family = _diffusers_family(root)
+    _check_family(family, v2, expected, folder)
+    kw = dict(local_files_only=True, torch_dtype=dtype) if dtype is not None else dict(local_files_only=True)
+    _quiet_transformers()
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+        vae = None if skip_vae else AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+        te_names = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if family is Family.SDXL else [])
+        tes = [_te_class(cls).from_pretrained(folder, subfolder="text_encoder" + ("" if i == 0 else f"_{i + 1}"), **kw)
+               for i, cls in enumerate(te_names)]
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{folder}: cannot load the diffusers model ({str(e).splitlines()[0][:160]})") from e
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_path.read_text()) if sched_path.exists() else shipped_model_config(family)["scheduler"]
+    v_param = v_parameterization or sched.get("prediction_type") == "v_prediction"
+    if v_param:
+        sched["prediction_type"] = "v_prediction"
+    for m in [unet, vae, *tes]:
+        if m is not None:
+            m.eval().requires_grad_(False)
+    cfg = {
+        "family": family.value,
+        "unet": dict(unet.config),
+        "vae": dict(vae.config) if vae is not None else shipped_model_config(family)["vae"],
+        "text_encoders": [{"cls": type(t).__name__, "config": _te_config_dict(t)} for t in tes],
+        "scheduler": sched,
+    }
+    return LoadedModel(family, unet, vae, tes, [], sched, v_param, cfg, str(folder))
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as tlog
+
+    tlog.disable_progress_bar()
+
+
+def _te_config_dict(te) -> dict:
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings", "hidden_act", "projection_dim", "bos_token_id", "eos_token_id",
+            "pad_token_id", "layer_norm_eps")
+    return {k: getattr(te.config, k) for k in keys}
+
+
+def load_vae(path: str, vae_config: dict, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False):
+    """Load a VAE given with ``--vae``: a diffusers folder, or a single file (standalone VAE or full model)."""
+    from diffusers import AutoencoderKL
+
+    p = Path(path)
+    if p.is_dir():
+        sub = "vae" if (p / "vae" / "config.json").exists() else None
+        kw = dict(local_files_only=True, torch_dtype=dtype) if dtype is not None else dict(local_files_only=True)
+        try:
+            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, **kw)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"--vae {path}: not a diffusers VAE folder ({str(e).splitlines()[0][:160]})") from e
+    else:
+        reader = CheckpointReader(path, allow_pickle=allow_pickle)
+        keys = reader.keys()
+        prefix = ol.VAE_PREFIX if any(k.startswith(ol.VAE_PREFIX) for k in keys) else ""
+        if not any(k.startswith(prefix + "encoder.conv_in") for k in keys):
+            raise ModelLoadError(f"--vae {path}: no VAE weights found in this file")
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            vae = AutoencoderKL.from_config(vae_config)
+        sd = reader.read([k for k in keys if k.startswith(prefix + "encoder.") or k.startswith(prefix + "decoder.")
+                          or k.startswith(prefix + "quant_conv") or k.startswith(prefix + "post_quant_conv")], dtype)
+        sd = {ol.VAE_PREFIX + k[len(prefix):]: v for k, v in sd.items()}
+        _assign(vae, ol.vae_from_original(sd, vae_config), "VAE", path)
+    return vae.eval().requires_grad_(False)
+
+
+def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False, vae: str | None = None,
+                tokenizer_cache_dir: str | None = None, allow_pickle: bool = False,
+                dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None) -> LoadedModel:
+    """Load a base model with kohya's options, fully offline.
+
+    Args:
+        path: a diffusers folder, or a ``.safetensors`` (``.ckpt`` with ``allow_pickle``) file in the original layout.
+        v2: kohya's ``--v2`` (SD2.x); checked against what the file contains.
+        v_parameterization: the model predicts v (SD2 768-v models and their fine-tunes).
+        vae: optional ``--vae`` replacing the model's VAE.
+        tokenizer_cache_dir: kohya's ``--tokenizer_cache_dir``.
+        dtype: weights are converted to this dtype while reading (``None`` keeps the file's dtype).
+        expected: the families the calling script supports (wrong one -> error naming the right script).
+    """
+    if path is None or str(path).strip() == "":
+        raise ModelLoadError("no base model given: pass --pretrained_model_name_or_path")
+    p = Path(path)
+    if not p.exists():
+        hint = " (model ids from the hub are not used: sdtk works offline; give a local file or folder)" \
+            if "/" in str(path) and not str(path).startswith((".", "/")) else ""
+        raise ModelLoadError(f"{path}: no such file or folder{hint}")
+    if p.is_dir():
+        model = load_diffusers_folder(str(p), v2=v2, v_parameterization=v_parameterization, dtype=dtype,
+                                      expected=expected, skip_vae=vae is not None)
+        tok_folder = p
+    else:
+        model = load_single_file(str(p), v2=v2, v_parameterization=v_parameterization, allow_pickle=allow_pickle,
+                                 dtype=dtype, expected=expected, skip_vae=vae is not None)
+        tok_folder = None
+    if vae is not None:
+        model.vae = load_vae(vae, model.model_config["vae"], dtype=dtype, allow_pickle=allow_pickle)
+    model.tokenizers = load_tokenizers(model.family, tok_folder, tokenizer_cache_dir)
+    logger.info("loaded %s model from %s%s", model.family.pretty, path, " (v-prediction)" if model.v_parameterization else "")
+    return model
