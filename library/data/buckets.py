@@ -23,6 +23,8 @@ import logging
 import math
 import random
 
+from library.errors import DatasetError
+
 logger = logging.getLogger(__name__)
 
 Reso = tuple[int, int]
@@ -138,6 +140,12 @@ class BucketManager:
             assert self.reso_steps is not None
             # bucket = resized size rounded down: crop a few pixels rather than pad
             reso = (resized[0] - resized[0] % self.reso_steps, resized[1] - resized[1] % self.reso_steps)
+            if min(reso) == 0:
+                # kohya divides by zero here; say what is wrong instead
+                raise DatasetError(
+                    f"a {image_width}x{image_height} image has a side shorter than bucket_reso_steps "
+                    f"({self.reso_steps}); with bucket_no_upscale it fits no bucket. Remove or upscale it, "
+                    "or turn off bucket_no_upscale")
         if reso not in self.resos:
             self.resos.append(reso)
         return reso, resized, reso[0] / reso[1] - aspect_ratio

@@ -71,5 +71,5 @@ def tokenize_captions(tokenizer: Any, captions: list[str], max_token_length: int
 
 def count_tokens(tokenizer: Any, caption: str) -> int:
     """Number of tokens of a caption without BOS/EOS and without truncation."""
-    ids = tokenizer(caption, truncation=False, add_special_tokens=False).input_ids
+    ids = tokenizer(caption, truncation=False, add_special_tokens=False, verbose=False).input_ids
     return len(ids)
