@@ -34,7 +34,8 @@ from library.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 _KIND_KEYS = ("image_dir", "metadata_file", "conditioning_data_dir")  # never taken from the command line
-_UNSET = object()
+# dataset options the cross-field checks read
+_CROSS_CHECKED = {"resolution", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps"}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -94,8 +95,11 @@ def _suggest(key: str, candidates: list[str]) -> str:
 
 
 def _check_table(table: Mapping[str, Any], loc: str, level: str, kind: str | None, problems: list[str],
-                 extra_keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Validate one table's options; returns ``{option: converted value}`` (None for explicit null)."""
+                 extra_keys: tuple[str, ...] = (), invalid: set[str] | None = None) -> dict[str, Any]:
+    """Validate one table's options; returns ``{option: converted value}`` (None for explicit null).
+
+    Names of options with invalid values are added to ``invalid`` (cross-field checks skip them).
+    """
     out: dict[str, Any] = {}
     for raw_key, value in table.items():
         if raw_key in extra_keys:
@@ -124,6 +128,8 @@ def _check_table(table: Mapping[str, Any], loc: str, level: str, kind: str | Non
             out[key] = option.schema(value)
         except Exception as e:  # voluptuous.MultipleInvalid / Invalid
             problems.append(f"{where}: {getattr(e, 'msg', str(e))}")
+            if invalid is not None:
+                invalid.add(key)
     return out
 
 
@@ -159,7 +165,7 @@ def _dataset_kind(subsets: list[Mapping[str, Any]], loc: str, supported: dict[st
     return kind
 
 
-def _fallback_values(fallback: Mapping[str, Any], problems: list[str]) -> dict[str, Any]:
+def _fallback_values(fallback: Mapping[str, Any], problems: list[str], invalid: set[str]) -> dict[str, Any]:
     """Command-line values by option name; None (not given) is left out."""
     out: dict[str, Any] = {}
     for arg, value in fallback.items():
@@ -175,6 +181,7 @@ def _fallback_values(fallback: Mapping[str, Any], problems: list[str]) -> dict[s
             out[name] = OPTIONS[name].schema(value)
         except Exception as e:
             problems.append(f"--{arg}: {getattr(e, 'msg', str(e))}")
+            invalid.add(name)
     return out
 
 
@@ -275,8 +282,9 @@ def build_blueprint(raw: dict, *, source: str, fallback: Mapping[str, Any], supp
     if not isinstance(general_raw, dict):
         problems.append(f"general: expected a table ([general]), got {show(general_raw)}")
         general_raw = {}
-    general = _check_table(general_raw, "general", GENERAL, None, problems)
-    args = _fallback_values(fallback, problems)
+    invalid_shared: set[str] = set()
+    general = _check_table(general_raw, "general", GENERAL, None, problems, invalid=invalid_shared)
+    args = _fallback_values(fallback, problems, invalid_shared)
     datasets_raw = _as_table_list(raw.get("datasets", []), "datasets", "[[datasets]]", problems)
     if not datasets_raw and "datasets" not in raw:
         problems.append("no [[datasets]] defined; add at least one [[datasets]] with a [[datasets.subsets]] "
@@ -289,7 +297,8 @@ def build_blueprint(raw: dict, *, source: str, fallback: Mapping[str, Any], supp
         if not subsets_raw and "subsets" not in ds_raw:
             problems.append(f"{loc}: has no [[datasets.subsets]]; add one with image_dir = '...'")
         kind = _dataset_kind(subsets_raw, loc, supported, problems)
-        ds_values = _check_table(ds_raw, loc, DATASET, kind, problems, extra_keys=("subsets",))
+        invalid = set(invalid_shared)
+        ds_values = _check_table(ds_raw, loc, DATASET, kind, problems, extra_keys=("subsets",), invalid=invalid)
         sub_values = [_check_table(s, f"{loc}.subsets[{j}]", SUBSET, kind, problems) for j, s in enumerate(subsets_raw)]
         if kind is None:
             continue
@@ -299,7 +308,8 @@ def build_blueprint(raw: dict, *, source: str, fallback: Mapping[str, Any], supp
             sub, _ = _make_params(SubsetParams, kind, [(f"{loc}.subsets[{j}]", sv)] + layers, "subset")
             _check_subset(sub, f"{loc}.subsets[{j}]", problems)
             ds.subsets.append(sub)
-        _check_dataset(ds, sources, loc, problems)
+        if not invalid & _CROSS_CHECKED:  # a bad value is already reported; don't pile on
+            _check_dataset(ds, sources, loc, problems)
         datasets.append(ds)
     if problems:
         raise ConfigError(problems, source=source)
