@@ -1,0 +1,182 @@
+"""One LoRA adapter for one ``Linear`` or ``Conv2d`` of the base model.
+
+The adapter hooks the base module by replacing its ``forward`` (as kohya does) instead of replacing
+the module, so the base weights, their names and their state dict stay untouched and a diffusers or
+transformers model keeps working with its own code paths (attention processors, gradient
+checkpointing). Output::
+
+    y = base(x) + lora_up(lora_down(x)) * multiplier * alpha / rank
+
+``lora_down`` is a Linear (in -> rank) or a Conv2d with the base conv's kernel, stride and padding
+(in -> rank); ``lora_up`` is a Linear (rank -> out) or a 1x1 Conv2d (rank -> out). ``lora_up`` starts at
+zero, so a fresh adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+
+
+class LoRAModule(torch.nn.Module):
+    """LoRA adapter of one base module (state-dict keys ``lora_down.weight``, ``lora_up.weight``, ``alpha``).
+
+    Args:
+        lora_name: kohya key prefix, e.g. ``lora_unet_..._attn1_to_q``.
+        org_module: the base ``nn.Linear`` or ``nn.Conv2d``; kept by reference, not registered.
+        multiplier: strength of the delta (``--network_mul`` at inference, 1.0 in training).
+        lora_dim: rank.
+        alpha: scale numerator; ``None`` or 0 means alpha = rank (scale 1), as in kohya.
+        dropout: neuron dropout on the rank activations (training mode only).
+        rank_dropout: drop whole rank channels per sample (training mode only).
+        module_dropout: skip the whole adapter for a step with this probability (training only).
+    """
+
+    def __init__(
+        self,
+        lora_name: str,
+        org_module: torch.nn.Module,
+        multiplier: float = 1.0,
+        lora_dim: int = 4,
+        alpha: float | torch.Tensor | None = 1.0,
+        dropout: float | None = None,
+        rank_dropout: float | None = None,
+        module_dropout: float | None = None,
+    ):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = int(lora_dim)
+        if isinstance(org_module, torch.nn.Conv2d):
+            in_dim, out_dim = org_module.in_channels, org_module.out_channels
+            k, s, p = org_module.kernel_size, org_module.stride, org_module.padding
+            self.lora_down = torch.nn.Conv2d(in_dim, self.lora_dim, k, s, p, bias=False)
+            self.lora_up = torch.nn.Conv2d(self.lora_dim, out_dim, (1, 1), (1, 1), bias=False)
+        elif isinstance(org_module, torch.nn.Linear):
+            in_dim, out_dim = org_module.in_features, org_module.out_features
+            self.lora_down = torch.nn.Linear(in_dim, self.lora_dim, bias=False)
+            self.lora_up = torch.nn.Linear(self.lora_dim, out_dim, bias=False)
+        else:
+            raise TypeError(f"{lora_name}: LoRA supports Linear and Conv2d, not {type(org_module).__name__}")
+
+        if isinstance(alpha, torch.Tensor):
+            alpha = float(alpha.detach().float().item())
+        alpha = float(self.lora_dim if alpha is None or alpha == 0 else alpha)
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        self.scale = alpha / self.lora_dim
+
+        # Same initialisation as Microsoft's LoRA and kohya: random down, zero up.
+        torch.nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        torch.nn.init.zeros_(self.lora_up.weight)
+
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        self.enabled = True
+        # A list, not an attribute, so the base module is not registered as a submodule (its
+        # weights must not appear in the LoRA's state dict).
+        self._org = [org_module]
+        self.org_forward: Any = None
+
+    @property
+    def org_module(self) -> torch.nn.Module:
+        return self._org[0]
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.lora_down, torch.nn.Conv2d)
+
+    # -- hooking -------------------------------------------------------------------------------
+    def apply_to(self) -> None:
+        """Route the base module's forward through this adapter."""
+        if self.org_forward is not None:
+            return
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        """Undo :meth:`apply_to`: the base module computes its own output again."""
+        if self.org_forward is None:
+            return
+        if self.org_module.__dict__.get("forward") is not None:
+            del self.org_module.forward
+        self.org_forward = None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # The scale follows the loaded alpha (kohya keeps the alpha given at creation: a known FIXME).
+        self.scale = float(self.alpha.detach().float().item()) / self.lora_dim
+
+    # -- computation ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus the scaled low-rank delta.
+
+        Args:
+            x: input of the base module: (B, ..., in) for Linear, (B, in, H, W) for Conv2d.
+        """
+        org_out = self.org_forward(x, *args, **kwargs)
+        if not self.enabled:
+            return org_out
+        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
+            return org_out
+
+        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        if self.dropout is not None and self.training:
+            lx = F.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.rank_dropout is not None and self.training:
+            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            if lx.dim() == 3:  # (B, tokens, rank): text encoder and transformer blocks
+                mask = mask.unsqueeze(1)
+            elif lx.dim() == 4:  # (B, rank, H, W): convolutions
+                mask = mask.unsqueeze(-1).unsqueeze(-1)
+            lx = lx * mask
+            # Treat the dropped ranks as if the rank were smaller, keeping the expected delta.
+            scale = self.scale * (1.0 / (1.0 - self.rank_dropout))
+        lx = self.lora_up(lx)
+        return org_out + (lx * self.multiplier * scale).to(org_out.dtype)
+
+    def delta_weight(self, up: torch.Tensor | None = None, down: torch.Tensor | None = None, multiplier: float | None = None) -> torch.Tensor:
+        """The weight change this adapter is equivalent to, in float32: multiplier * scale * up @ down.
+
+        Args:
+            up, down: weights to use instead of the module's own (e.g. from a file being merged).
+            multiplier: defaults to the module's multiplier.
+
+        Returns:
+            A tensor of the base weight's shape: (out, in) or (out, in, k, k).
+        """
+        up = (self.lora_up.weight if up is None else up).float()
+        down = (self.lora_down.weight if down is None else down).float()
+        multiplier = self.multiplier if multiplier is None else multiplier
+        if down.dim() == 2:
+            w = up @ down
+        elif down.shape[2:4] == (1, 1):
+            w = (up.flatten(1) @ down.flatten(1)).unsqueeze(2).unsqueeze(3)
+        else:
+            # A kxk conv followed by a 1x1 conv is one kxk conv with these weights.
+            w = F.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+        return w * (multiplier * self.scale)
+
+    @torch.no_grad()
+    def merge_to(self, sd: Mapping[str, torch.Tensor] | None, dtype: torch.dtype | None, device: Any) -> None:
+        """Add the delta into the base module's weight (kohya's ``LoRAInfModule.merge_to``).
+
+        Args:
+            sd: ``{"lora_up.weight", "lora_down.weight"[, "alpha"]}`` for this module, or ``None`` to use
+                the module's own weights.
+            dtype: dtype of the merged weight (default: the base weight's).
+            device: where to compute.
+        """
+        up = down = None
+        if sd is not None:
+            up, down = sd["lora_up.weight"].to(device), sd["lora_down.weight"].to(device)
+            if "alpha" in sd:
+                self.alpha.fill_(float(sd["alpha"].float().item()))
+                self.scale = float(self.alpha.item()) / self.lora_dim
+        weight = self.org_module.weight
+        merged = weight.to(device, torch.float32) + self.delta_weight(up, down).to(device)
+        weight.data = merged.to(weight.device, dtype or weight.dtype)
