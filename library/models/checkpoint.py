@@ -62,13 +62,15 @@ class CheckpointReader:
                 f"{self.path} could not be read as a PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}); "
                 "it may be truncated or contain non-tensor objects — convert it to .safetensors with another tool"
             ) from e
+        self.metadata = {}
         if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            if isinstance(obj.get(METADATA_CONFIG_KEY), str):
+                self.metadata[METADATA_CONFIG_KEY] = obj[METADATA_CONFIG_KEY]
             obj = obj["state_dict"]
         if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ModelLoadError(f"{self.path} does not contain a state dict of tensors")
         self._sd = obj
         self._keys = list(obj.keys())
-        self.metadata = {}
 
     def keys(self) -> list[str]:
         return self._keys

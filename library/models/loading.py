@@ -266,7 +266,8 @@ def load_vae(path: str, vae_config: dict, dtype: torch.dtype | None = torch.floa
 
 def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False, vae: str | None = None,
                 tokenizer_cache_dir: str | None = None, allow_pickle: bool = False,
-                dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None) -> LoadedModel:
+                dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None,
+                with_tokenizers: bool = True) -> LoadedModel:
     """Load a base model with kohya's options, fully offline.
 
     Args:
@@ -277,6 +278,7 @@ def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False
         tokenizer_cache_dir: kohya's ``--tokenizer_cache_dir``.
         dtype: weights are converted to this dtype while reading (``None`` keeps the file's dtype).
         expected: the families the calling script supports (wrong one -> error naming the right script).
+        with_tokenizers: also find the tokenizers (not needed to convert or merge single files).
     """
     if path is None or str(path).strip() == "":
         raise ModelLoadError("no base model given: pass --pretrained_model_name_or_path")
@@ -295,6 +297,7 @@ def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False
         tok_folder = None
     if vae is not None:
         model.vae = load_vae(vae, model.model_config["vae"], dtype=dtype, allow_pickle=allow_pickle)
-    model.tokenizers = load_tokenizers(model.family, tok_folder, tokenizer_cache_dir)
+    if with_tokenizers:
+        model.tokenizers = load_tokenizers(model.family, tok_folder, tokenizer_cache_dir)
     logger.info("loaded %s model from %s%s", model.family.pretty, path, " (v-prediction)" if model.v_parameterization else "")
     return model

@@ -79,7 +79,7 @@ def save_single_file(model: "LoadedModel", path: str | Path, save_dtype: torch.d
     if path.suffix.lower() == ".safetensors":
         save_safetensors(sd, path, meta)
     elif path.suffix.lower() in (".ckpt", ".pt"):
-        save_torch({"state_dict": sd, "epoch": epoch, "global_step": global_step}, path)
+        save_torch({"state_dict": sd, "epoch": epoch, "global_step": global_step, **meta}, path)
     else:
         raise ModelSaveError(f"{path}: a single-file model must end in .safetensors or .ckpt")
     logger.info("saved %s model to %s", model.family.pretty, path)
