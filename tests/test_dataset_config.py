@@ -369,3 +369,13 @@ def test_build_blueprint_for_args(tmp_path):
                 name="bad.toml")
     with pytest.raises(ConfigError, match=r"bad.toml: datasets\[0\].subsets\[0\].keep_tokens: expected int, got '2a'"):
         build_blueprint_for_args({"dataset_config": str(bad)})
+
+
+def test_docs_list_every_option():
+    from pathlib import Path
+
+    from library.config.dataset_schema import OPTIONS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "dataset_config.md").read_text(encoding="utf-8")
+    missing = [name for name in OPTIONS if f"| `{name}` |" not in doc]
+    assert not missing, f"docs/dataset_config.md lacks {missing}"
