@@ -1,0 +1,48 @@
+"""Loss, noise and timestep flags (issue #6 items 1-2)."""
+
+from __future__ import annotations
+
+from library.config.flags.base import DONE, TODO, F, between, finite, in_group, non_negative, positive
+
+FLAGS = in_group("loss_and_noise", [
+    F("--min_snr_gamma", float, None, DONE,
+      "Min-SNR loss weighting: weight each timestep by min(SNR, gamma)/SNR (5 is typical).",
+      check=positive),
+    F("--noise_offset", float, None, DONE,
+      "Add noise_offset * N(0,1) per image and channel to the noise, so the model can learn "
+      "very dark and bright images (0.05-0.1 typical).", check=non_negative),
+    F("--noise_offset_random_strength", bool, False, TODO,
+      "Use a random noise offset between 0 and --noise_offset for each image."),
+    F("--adaptive_noise_scale", float, None, TODO,
+      "Add this times the latent mean's absolute value to --noise_offset.", check=finite),
+    F("--multires_noise_iterations", int, None, TODO,
+      "Multi-resolution (pyramid) noise with this many levels (6-10 typical).", check=positive),
+    F("--multires_noise_discount", float, 0.3, TODO,
+      "Strength decay per level of multi-resolution noise.", check=between(0, 1)),
+    F("--ip_noise_gamma", float, None, TODO,
+      "Input perturbation noise: perturb the noised latents by this times extra noise (0.1 typical).",
+      check=non_negative),
+    F("--ip_noise_gamma_random_strength", bool, False, TODO,
+      "Use a random input perturbation strength between 0 and --ip_noise_gamma."),
+    F("--zero_terminal_snr", bool, False, TODO,
+      "Rescale the noise schedule so the last timestep has zero SNR (pure noise)."),
+    F("--min_timestep", int, None, TODO,
+      "Smallest timestep sampled for training (default 0).", check=between(0, 1000)),
+    F("--max_timestep", int, None, TODO,
+      "Largest timestep sampled for training, exclusive (default 1000).", check=between(0, 1000)),
+    F("--loss_type", str, "l2", TODO,
+      "Loss function between prediction and target.", choices=["l1", "l2", "huber", "smooth_l1"]),
+    F("--huber_schedule", str, "snr", TODO,
+      "How the Huber parameter c varies with the timestep.", choices=["constant", "exponential", "snr"]),
+    F("--huber_c", float, 0.1, TODO, "Huber loss parameter c (decay base for the exponential schedule).",
+      check=positive),
+    F("--huber_scale", float, 1.0, TODO, "Scale applied to the Huber parameter.", check=positive),
+    F("--scale_v_pred_loss_like_noise_pred", bool, False, TODO,
+      "With v-prediction, scale the loss like an epsilon-prediction loss."),
+    F("--v_pred_like_loss", float, None, TODO,
+      "Add a v-prediction-like loss term with this weight.", check=non_negative),
+    F("--debiased_estimation_loss", bool, False, TODO,
+      "Weight the loss by 1/sqrt(SNR) (debiased estimation)."),
+    F("--masked_loss", bool, False, TODO,
+      "Compute the loss only where the mask (alpha channel or mask images) is set."),
+])
