@@ -72,6 +72,20 @@ def test_select_bucket_predefined(size):
     assert resized[0] == bucket[0] or resized[1] == bucket[1]
 
 
+def test_select_bucket_sdxl_1024():
+    manager = BucketManager(False, (1024, 1024), 256, 2048, 64)
+    manager.make_buckets()
+    # width 1088: 1048576 // 1088 = 963 -> 960; ar 1.133 is nearest to 1.147; scale 960/872
+    assert manager.select_bucket(1000, 872)[:2] == ((1088, 960), (1101, 960))
+    # width 1216: 862 -> 832 (ar 1.4615, nearest to 1.4988); scale 832/427
+    assert manager.select_bucket(640, 427)[:2] == ((1216, 832), (1247, 832))
+    assert manager.select_bucket(512, 512)[:2] == ((1024, 1024), (1024, 1024))  # upscaled
+    no_up = BucketManager(True, (1024, 1024), 256, 2048, 64)
+    assert no_up.select_bucket(741, 500)[:2] == ((704, 448), (741, 500))  # 741 - 37, 500 - 52
+    assert no_up.select_bucket(1000, 872)[:2] == ((960, 832), (1000, 872))
+    assert no_up.select_bucket(1411, 1411)[:2] == ((1024, 1024), (1024, 1024))
+
+
 def test_select_bucket_steps32():
     manager = BucketManager(False, (512, 512), 256, 1024, 32)
     manager.make_buckets()

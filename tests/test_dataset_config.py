@@ -223,6 +223,11 @@ def test_legacy_caption_extention_and_dot():
     (p,) = problems_of(one_subset({"caption_extention": ".txt", "caption_extension": ".cap"}))
     assert "both `caption_extension` and its old spelling `caption_extention` are set" in p
     assert build(one_subset(), {"caption_extention": ".tags"}).datasets[0].subsets[0].caption_extension == ".tags"
+    # on the command line the old spelling wins when given (kohya's prepare_dataset_args)
+    both = {"caption_extention": ".tags", "caption_extension": ".caption"}
+    assert build(one_subset(), both).datasets[0].subsets[0].caption_extension == ".tags"
+    both = {"caption_extention": None, "caption_extension": ".txt"}
+    assert build(one_subset(), both).datasets[0].subsets[0].caption_extension == ".txt"
 
 
 def test_dataset_kinds():

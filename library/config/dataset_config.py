@@ -168,7 +168,9 @@ def _dataset_kind(subsets: list[Mapping[str, Any]], loc: str, supported: dict[st
 def _fallback_values(fallback: Mapping[str, Any], problems: list[str], invalid: set[str]) -> dict[str, Any]:
     """Command-line values by option name; None (not given) is left out."""
     out: dict[str, Any] = {}
-    for arg, value in fallback.items():
+    # kohya: the misspelled --caption_extention wins over --caption_extension when given
+    ordered = sorted(fallback.items(), key=lambda kv: kv[0] in ALIASES)
+    for arg, value in ordered:
         name = ARG_TO_OPTION.get(arg, arg)
         if value is None or name not in OPTIONS or name in _KIND_KEYS:
             continue
