@@ -1,0 +1,93 @@
+"""The model-family interface the trainer talks to.
+
+A family (SD1/SD2 here, SDXL in #5) knows how to turn captions into UNet conditioning, how to
+call its UNet, which string names it in kohya's metadata and which diffusers pipeline renders
+samples. The trainer never branches on the family; adding one means adding one adapter module
+and registering it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from library.models.families import Family
+
+
+@dataclass
+class Conditioning:
+    """What a family's text encoding produces for the UNet.
+
+    Attributes:
+        hidden_states: ``[B, L, D]`` cross-attention states (``L`` = 77 or 75 * chunks + 2).
+        pooled: ``[B, P]`` pooled text embedding (SDXL), else None.
+    """
+
+    hidden_states: torch.Tensor
+    pooled: torch.Tensor | None = None
+
+    def repeat(self, n: int) -> "Conditioning":
+        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
+        return Conditioning(rep(self.hidden_states), rep(self.pooled))
+
+
+class FamilyAdapter(ABC):
+    """Family-specific behaviour behind one small interface (see module docstring)."""
+
+    family: Family
+
+    @abstractmethod
+    def tokenize(self, tokenizers: list, captions: list[str], max_token_length: int | None) -> list[torch.Tensor]:
+        """Token ids per tokenizer, each ``LongTensor[B, n_chunks, 77]``."""
+
+    @abstractmethod
+    def encode(self, text_encoders: list, tokenizers: list, token_ids: list[torch.Tensor],
+               clip_skip: int | None) -> Conditioning:
+        """Run the text encoder(s) on ``token_ids`` (from :meth:`tokenize`)."""
+
+    @abstractmethod
+    def predict(self, unet: torch.nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+                cond: Conditioning, batch: dict[str, Any] | None = None) -> torch.Tensor:
+        """UNet output ``[B, 4, h, w]`` for ``noisy_latents`` ``[B, 4, h, w]`` at ``timesteps`` ``[B]``."""
+
+    @abstractmethod
+    def base_model_version(self, v2: bool, v_parameterization: bool) -> str:
+        """kohya's ``ss_base_model_version`` string."""
+
+    @abstractmethod
+    def pipeline_class(self) -> type:
+        """The diffusers pipeline class that renders samples for this family."""
+
+    def encode_prompts(self, text_encoders: list, tokenizers: list, prompts: list[str],
+                       max_token_length: int | None, clip_skip: int | None, device: torch.device) -> Conditioning:
+        """Tokenize and encode ``prompts`` in one call (sampling, caching)."""
+        ids = [t.to(device) for t in self.tokenize(tokenizers, prompts, max_token_length)]
+        return self.encode(text_encoders, tokenizers, ids, clip_skip)
+
+
+_REGISTRY: dict[Family, Callable[[], FamilyAdapter]] = {}
+
+
+def register_family(family: Family) -> Callable:
+    """Class decorator: register an adapter for ``family`` (duplicates are a programming error)."""
+
+    def deco(cls):
+        if family in _REGISTRY:
+            raise RuntimeError(f"a family adapter for {family.value} is already registered")
+        _REGISTRY[family] = cls
+        return cls
+
+    return deco
+
+
+def get_family_adapter(family: Family) -> FamilyAdapter:
+    """The adapter instance for ``family``."""
+    import library.training.family_sd  # noqa: F401  (registers SD1/SD2)
+
+    try:
+        return _REGISTRY[family]()
+    except KeyError:
+        raise KeyError(f"no trainer adapter for model family {family.value}") from None

@@ -1,0 +1,229 @@
+"""The training loop: epochs of batches, gradient accumulation, saving, sampling, resuming.
+
+Determinism: before every forward pass the global torch RNG is seeded from (seed, micro-step,
+rank) and each sample's noise and timestep come from its own generator (see
+:mod:`library.training.noise`); the data position is (epoch, batch). A state saved at any
+optimizer step therefore continues bit-identically, however often a run is resumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import TrainingError
+from library.training import noise as N
+from library.training import saving as S
+from library.training.data import iterate_epoch
+from library.training.progress import LossRecorder, make_progress_bar
+from library.training.state import Progress, TrainState, capture_rng, load_state, restore_rng, save_state
+
+logger = logging.getLogger(__name__)
+
+
+def run_signature(s: Any) -> dict[str, Any]:
+    """What must not change between a run and its resume (else the continuation is not exact)."""
+    a = s.args
+    return {
+        "network_module": a.network_module or "networks.lora", "network_dim": a.network_dim,
+        "network_alpha": a.network_alpha, "network_args": list(a.network_args or []),
+        "family": s.model.family.value, "seed": s.seed, "num_processes": s.accelerator.num_processes,
+        "train_batch_size": a.train_batch_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
+        "batches_per_epoch": s.plan.batches_per_epoch,
+        "network_keys": len(s.network.state_dict()),
+    }
+
+
+def make_state(s: Any, progress: Progress) -> TrainState:
+    scaler = getattr(s.accelerator, "scaler", None)
+    return TrainState(progress=Progress(**vars(progress)), network=s.network.state_dict(),
+                      optimizer=s.optimizer.state_dict(), scheduler=s.lr_scheduler.state_dict(), rng=capture_rng(),
+                      data={"epoch": progress.epoch + 1, "position": progress.batch_in_epoch},
+                      signature=run_signature(s), scaler=scaler.state_dict() if scaler is not None else None)
+
+
+def resume(s: Any) -> Progress:
+    """Load ``--resume`` into the session; returns the counters to continue from."""
+    st = load_state(s.args.resume, run_signature(s))
+    missing, unexpected = s.network.load_state_dict(st.network, strict=False)
+    if missing or unexpected:
+        raise TrainingError(f"--resume {s.args.resume}: network weights do not match this network "
+                            f"(missing {len(missing)}, unexpected {len(unexpected)} keys)")
+    s.optimizer.load_state_dict(st.optimizer)
+    s.lr_scheduler.load_state_dict(st.scheduler)
+    scaler = getattr(s.accelerator, "scaler", None)
+    if scaler is not None and st.scaler is not None:
+        scaler.load_state_dict(st.scaler)
+    restore_rng(st.rng)
+    p = st.progress
+    logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", s.args.resume, p.epoch + 1,
+                p.global_step, p.batch_in_epoch)
+    return p
+
+
+def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum gradients over processes (each process already divided by the global batch size)."""
+    import torch.distributed as dist
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).clone() if p.grad is None else p.grad.copy_(
+            flat[offset : offset + n].view_as(g))
+        offset += n
+
+
+def _global_loss(acc: Any, loss: torch.Tensor) -> float:
+    if acc.num_processes == 1:
+        return float(loss.detach())
+    return float(acc.reduce(loss.detach().clone(), reduction="sum"))
+
+
+def _te_arg(s: Any):
+    tes = s.model.text_encoders
+    return tes[0] if len(tes) == 1 else tes
+
+
+def run_loop(t: Any, s: Any) -> Path | None:
+    """Train until ``max_train_steps``; returns the final network file on the main process."""
+    from networks.interface import capabilities_of
+
+    a, acc = s.args, s.accelerator
+    out_dir = t.check_output_dir()
+    policy = S.SavePolicy(a.save_every_n_epochs, a.save_every_n_steps, a.save_last_n_epochs, a.save_last_n_steps,
+                          a.save_last_n_epochs_state, a.save_last_n_steps_state, bool(a.save_state),
+                          bool(a.save_state_on_train_end))
+    progress = resume(s) if a.resume else Progress()
+    caps = capabilities_of(s.network)
+    accum = max(1, a.gradient_accumulation_steps)
+    per_epoch = s.plan.batches_per_epoch
+    if acc.is_main_process and acc.trackers == [] and (a.log_with or a.logging_dir):
+        acc.init_trackers(a.log_tracker_name or "network_train", config=None)
+    logger.info("training: %d steps, %d epochs, %d batches per epoch, %d process(es)", s.max_train_steps,
+                s.num_epochs, per_epoch, acc.num_processes)
+    if progress.global_step == 0 and not a.resume:
+        t.sample_images(s, 0, None)
+    bar = make_progress_bar(s.max_train_steps, progress.global_step, acc.is_main_process)
+    recorder = LossRecorder()
+    te, unet = _te_arg(s), s.model.unet
+    while progress.global_step < s.max_train_steps and progress.epoch < s.num_epochs:
+        epoch_no = progress.epoch + 1
+        s.network.on_epoch_start(te, unet)
+        finished_epoch = True
+        for pos, sl, batch in iterate_epoch(s.plan, epoch_no, progress.batch_in_epoch, a.max_data_loader_n_workers):
+            window_start = (pos // accum) * accum
+            window = min(accum, per_epoch - window_start)
+            sync = pos + 1 == min(window_start + accum, per_epoch)
+            torch.manual_seed(N.derive_seed(s.seed, progress.micro_step, acc.process_index, 1))
+            gens = N.sample_generators(s.seed, progress.micro_step, sl.first_index, len(sl.indices))
+            if caps.on_step_start:
+                s.network.on_step_start(te, unet)
+            loss = t.compute_loss(s, batch, gens, sl.n_real, sl.global_size)
+            loss_value = _global_loss(acc, loss)
+            if math.isnan(loss_value) or math.isinf(loss_value):
+                _stop_on_nan(t, s, progress, out_dir, epoch_no)
+            acc.backward(loss / window)
+            progress.micro_step += 1
+            progress.batch_in_epoch = pos + 1
+            recorder.add(pos, loss_value)
+            if not sync:
+                continue
+            if acc.num_processes > 1:
+                _all_reduce_grads(s.trainable_params)
+            if a.max_grad_norm:
+                acc.clip_grad_norm_(s.trainable_params, a.max_grad_norm)
+            s.optimizer.step()
+            s.lr_scheduler.step()
+            s.optimizer.zero_grad(set_to_none=True)
+            logs = {"loss/current": loss_value, "loss/average": recorder.average}
+            if a.scale_weight_norms and caps.max_norm_regularization:
+                scaled, mean_norm, max_norm = s.network.apply_max_norm_regularization(a.scale_weight_norms, acc.device)
+                logs.update({"keys_scaled": scaled, "max_norm": max_norm})
+            progress.global_step += 1
+            if progress.batch_in_epoch == per_epoch:  # the epoch is complete: a state now resumes at the next
+                progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
+            lrs = s.lr_scheduler.get_last_lr()
+            logs.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+            bar.update(1)
+            bar.set_postfix(avr_loss=f"{recorder.average:.4f}", loss=f"{loss_value:.4f}", lr=f"{lrs[-1]:.2e}")
+            if acc.trackers:
+                acc.log({(a.log_prefix or "") + k: v for k, v in logs.items()}, step=progress.global_step)
+            t.sample_images(s, progress.global_step, None)
+            if policy.save_at_step(progress.global_step):
+                _save_at_step(t, s, progress, out_dir, policy)
+            if progress.global_step >= s.max_train_steps:
+                finished_epoch = progress.batch_in_epoch == 0
+                break
+        if finished_epoch and progress.batch_in_epoch == 0:
+            done_epoch = progress.epoch  # 1-based number of the epoch just completed
+            if acc.trackers:
+                acc.log({"loss/epoch": recorder.average}, step=progress.global_step)
+            if policy.save_at_epoch(done_epoch, s.num_epochs):
+                _save_at_epoch(t, s, progress, out_dir, policy, done_epoch)
+            t.sample_images(s, progress.global_step, done_epoch)
+    bar.close()
+    final = out_dir / (S.last_name(a.output_name) + S.model_ext(a.save_model_as))
+    t.save_network(s, final, progress.global_step, progress.epoch if progress.batch_in_epoch == 0 else
+                   progress.epoch + 1)
+    if policy.save_state or policy.save_state_on_train_end:
+        _write_state(s, progress, out_dir / f"{S.last_name(a.output_name)}-state")
+    acc.wait_for_everyone()
+    acc.end_training()
+    return final if acc.is_main_process else None
+
+
+def _write_state(s: Any, progress: Progress, folder: Path) -> None:
+    if s.accelerator.is_main_process:
+        save_state(folder, make_state(s, progress))
+    s.accelerator.wait_for_everyone()
+
+
+def _save_at_step(t: Any, s: Any, progress: Progress, out_dir: Path, policy: S.SavePolicy) -> None:
+    a, step = s.args, progress.global_step
+    ext = S.model_ext(a.save_model_as)
+    t.save_network(s, out_dir / (S.step_name(a.output_name, step) + ext), step, progress.epoch + 1)
+    old = policy.removable_step(step)
+    if old is not None and s.accelerator.is_main_process:
+        S.remove_output(out_dir / (S.step_name(a.output_name, old) + ext))
+    if policy.save_state:
+        _write_state(s, progress, out_dir / f"{S.step_name(a.output_name, step)}-state")
+        old = policy.removable_step(step, state=True)
+        if old is not None and s.accelerator.is_main_process:
+            S.remove_output(out_dir / f"{S.step_name(a.output_name, old)}-state")
+
+
+def _save_at_epoch(t: Any, s: Any, progress: Progress, out_dir: Path, policy: S.SavePolicy, epoch_no: int) -> None:
+    a = s.args
+    ext = S.model_ext(a.save_model_as)
+    t.save_network(s, out_dir / (S.epoch_name(a.output_name, epoch_no) + ext), progress.global_step, epoch_no)
+    old = policy.removable_epoch(epoch_no)
+    if old is not None and s.accelerator.is_main_process:
+        S.remove_output(out_dir / (S.epoch_name(a.output_name, old) + ext))
+    if policy.save_state:
+        _write_state(s, progress, out_dir / f"{S.epoch_name(a.output_name, epoch_no)}-state")
+        old = policy.removable_epoch(epoch_no, state=True)
+        if old is not None and s.accelerator.is_main_process:
+            S.remove_output(out_dir / f"{S.epoch_name(a.output_name, old)}-state")
+
+
+def _stop_on_nan(t: Any, s: Any, progress: Progress, out_dir: Path, epoch_no: int) -> None:
+    """Save the last good state and stop with an explanation."""
+    s.optimizer.zero_grad(set_to_none=True)
+    folder = out_dir / f"{S.step_name(s.args.output_name, progress.global_step)}-state"
+    # the state is that of the last completed optimizer step: drop a partial accumulation window
+    good = Progress(progress.epoch, progress.global_step,
+                    progress.batch_in_epoch - progress.batch_in_epoch % max(1, s.args.gradient_accumulation_steps),
+                    progress.micro_step - progress.batch_in_epoch % max(1, s.args.gradient_accumulation_steps))
+    _write_state(s, good, folder)
+    raise TrainingError(
+        f"the loss became NaN/inf at step {progress.global_step + 1} (epoch {epoch_no}); training stopped and the "
+        f"state of the last good step was saved to {folder}. Likely causes: a learning rate too high for this "
+        "optimizer, fp16 overflow (try --mixed_precision bf16, --no_half_vae, or drop --full_fp16), or a broken "
+        "image/latent cache. Fix the cause and continue with --resume " + str(folder))

@@ -1,0 +1,184 @@
+"""Build a training :class:`~library.training.trainer.Session` from parsed arguments.
+
+Order matters for memory: frozen parts are cast to the training dtype and put in eval /
+no-grad mode before the optimizer exists; with ``--cache_latents`` the VAE leaves the device
+after caching, so only the UNet, text encoder(s) and the network stay there.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from library.errors import ConfigError, TrainingError
+from library.training.data import ShardedPlan
+from library.training.lr_schedulers import build_lr_scheduler
+from library.training.optimizers import build_optimizer
+from library.training.trainer import NetworkTrainer, Session, num_epochs_for
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(args: Any):
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    from library.training.progress import resolve_trackers
+
+    trackers = resolve_trackers(args.log_with, args.logging_dir)
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
+    return Accelerator(mixed_precision=args.mixed_precision or "no", gradient_accumulation_steps=1,
+                       log_with=trackers or None, project_dir=args.logging_dir, kwargs_handlers=handlers)
+
+
+def check_args(args: Any) -> None:
+    """Problems the trainer itself can see before loading anything (all at once)."""
+    problems = []
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        problems.append("--full_fp16 needs --mixed_precision fp16")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        problems.append("--full_bf16 needs --mixed_precision bf16")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    if args.xformers and not torch.cuda.is_available():
+        problems.append("--xformers needs a CUDA GPU (and the xformers package); on this machine use --sdpa")
+    if args.gradient_accumulation_steps < 1:
+        problems.append("--gradient_accumulation_steps must be at least 1")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _attention(unet: torch.nn.Module, args: Any) -> None:
+    if args.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as e:  # xformers raises several types when missing / unsupported
+            raise ConfigError(f"--xformers is not usable here ({e}); install xformers for your CUDA build or use "
+                              "--sdpa") from e
+    # diffusers uses PyTorch's scaled_dot_product_attention by default: --sdpa needs nothing more
+
+
+def _prepare_models(t: NetworkTrainer, model: Any, acc: Any, weight_dtype: torch.dtype, train_te: bool) -> None:
+    a = t.args
+    device = acc.device
+    unet_dtype = weight_dtype
+    model.unet.requires_grad_(False).to(device, dtype=unet_dtype)
+    for te in model.text_encoders:
+        te.requires_grad_(False)
+        # on CPU, low-precision text encoders are slow and buy little; kohya keeps them fp32 there too
+        te.to(device, dtype=weight_dtype if device.type != "cpu" else torch.float32)
+    if a.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        model.unet.train()
+        for te in model.text_encoders:
+            if train_te:
+                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                te.train()
+    else:
+        model.unet.eval()
+        for te in model.text_encoders:
+            te.eval()
+    _attention(model.unet, a)
+
+
+def _build_network(t: NetworkTrainer, model: Any, train_unet: bool, train_te: bool):
+    from networks.interface import call_prepare_optimizer_params
+
+    a = t.args
+    module = t.import_network_module()
+    net_kwargs = t.network_kwargs()
+    network = t.create_network(module, model, dict(net_kwargs))
+    te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
+    network.apply_to(te, model.unet, train_te, train_unet)
+    if a.network_weights and not a.dim_from_weights:
+        info = network.load_weights(a.network_weights)
+        logger.info("loaded network weights from %s: %s", a.network_weights, info)
+    te_lr = a.text_encoder_lr
+    if isinstance(te_lr, (list, tuple)) and len(te_lr) == 0:
+        te_lr = None
+    groups, _ = call_prepare_optimizer_params(network, te_lr, a.unet_lr, a.learning_rate)
+    return network, net_kwargs, groups
+
+
+def setup_session(t: NetworkTrainer) -> Session:
+    """Everything from parsed args to a ready :class:`Session` (may resume from a state later)."""
+    from library.training.metadata_setup import build_session_metadata
+
+    a = t.args
+    check_args(a)
+    t.check_output_dir()
+    acc = make_accelerator(a)
+    seed = t.resolve_seed(acc)
+    torch.manual_seed(seed)
+    weight_dtype = t.weight_dtype()
+
+    model = t.load_model()
+    family = t.family_adapter(model.family)
+    v_prediction = bool(a.v_parameterization or getattr(model, "v_parameterization", False))
+    group = t.build_dataset_group(seed, acc.num_processes)
+    plan = ShardedPlan(group, acc.process_index, acc.num_processes, a.gradient_accumulation_steps)
+
+    vae_dtype = torch.float32 if (a.no_half_vae or acc.device.type == "cpu") else weight_dtype
+    model.vae.requires_grad_(False).eval().to(acc.device, dtype=vae_dtype)
+    if a.cache_latents:
+        t.cache_latents(group, model.vae, acc)
+        model.vae.to("cpu")  # only sampling needs it now
+        if acc.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    train_unet = not a.network_train_text_encoder_only
+    train_te = not a.network_train_unet_only
+    network, net_kwargs, groups = _build_network(t, model, train_unet, train_te)
+    _prepare_models(t, model, acc, weight_dtype, train_te)
+    if a.full_fp16 or a.full_bf16:
+        network.to(weight_dtype)
+    network.to(acc.device)
+    if a.gradient_checkpointing:
+        network.enable_gradient_checkpointing()
+    network.prepare_grad_etc(model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders,
+                             model.unet)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    if not params:
+        raise TrainingError("the network has no trainable parameters: check --network_train_unet_only / "
+                            "--network_train_text_encoder_only and --network_args")
+
+    if a.max_train_epochs:
+        max_steps = a.max_train_epochs * plan.steps_per_epoch
+    else:
+        max_steps = a.max_train_steps
+    group.set_max_train_steps(max_steps)
+    opt_name, opt_args, optimizer = build_optimizer(a.optimizer_type, groups, a.learning_rate, a.optimizer_args,
+                                                    bool(getattr(a, "use_8bit_adam", False)))
+    scheduler = build_lr_scheduler(optimizer, a.lr_scheduler, max_steps, a.lr_warmup_steps,
+                                   a.lr_scheduler_num_cycles, a.lr_scheduler_power)
+    optimizer = acc.prepare(optimizer)  # grad scaler for fp16; devices are handled here, not by accelerate
+    if a.full_fp16:
+        _allow_fp16_unscale(acc)
+
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
+    s = Session(args=a, accelerator=acc, family=family, model=model, network=network, net_kwargs=net_kwargs,
+                optimizer=optimizer, lr_scheduler=scheduler, plan=plan, group=group, seed=seed,
+                weight_dtype=weight_dtype, train_unet=train_unet, train_text_encoder=train_te,
+                alphas_cumprod=noise_sched.alphas_cumprod.float(), v_prediction=v_prediction,
+                max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
+                save_dtype=t.save_dtype(), trainable_params=params)
+    s.metadata = build_session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
+    return s
+
+
+def _allow_fp16_unscale(acc: Any) -> None:
+    """``--full_fp16``: the grad scaler must unscale fp16 gradients, which PyTorch refuses by default."""
+    scaler = getattr(acc, "scaler", None)
+    if scaler is None:
+        return
+    original = scaler._unscale_grads_
+
+    def unscale(optimizer, inv_scale, found_inf, allow_fp16):  # noqa: ARG001
+        return original(optimizer, inv_scale, found_inf, True)
+
+    scaler._unscale_grads_ = unscale

@@ -1,0 +1,270 @@
+"""The network-training template (kohya's ``NetworkTrainer``): build everything, then run the loop.
+
+Each stage is a named method so a script for another family or method overrides only what
+differs (SDXL: :meth:`NetworkTrainer.family_adapter`, :meth:`expected_families`, ...). The
+loop itself lives in :mod:`library.training.loop`; the per-step maths in :meth:`compute_loss`
+uses the small feature modules (noise, loss).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import os
+import random
+import time
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from library.errors import ConfigError, ModelSaveError, TrainingError
+from library.models.families import Family
+from library.training import loss as L
+from library.training import noise as N
+from library.training.family import Conditioning, FamilyAdapter, get_family_adapter
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Session:
+    """Everything the loop needs, built by :meth:`NetworkTrainer.setup`."""
+
+    args: Namespace
+    accelerator: Any
+    family: FamilyAdapter
+    model: Any  # LoadedModel-like: unet, vae, text_encoders, tokenizers, scheduler_config
+    network: torch.nn.Module
+    net_kwargs: dict[str, Any]
+    optimizer: Any
+    lr_scheduler: Any
+    plan: Any  # library.training.data.ShardedPlan
+    group: Any  # the DatasetGroup
+    seed: int
+    weight_dtype: torch.dtype
+    train_unet: bool
+    train_text_encoder: bool
+    alphas_cumprod: torch.Tensor
+    v_prediction: bool
+    max_train_steps: int
+    num_epochs: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    save_dtype: torch.dtype | None = None
+    trainable_params: list = field(default_factory=list)
+
+
+class NetworkTrainer:
+    """Template for training a network module (LoRA, LyCORIS, ...) on SD1/SD2."""
+
+    script_name = "train_network"
+
+    def __init__(self, args: Namespace):
+        self.args = args
+
+    # ------------------------------------------------------------------ hooks: model family
+    def expected_families(self) -> tuple[Family, ...]:
+        return (Family.SD1, Family.SD2)
+
+    def family_adapter(self, family: Family) -> FamilyAdapter:
+        return get_family_adapter(family)
+
+    def load_model(self) -> Any:
+        """The base model (``LoadedModel``), checked to be of :meth:`expected_families`."""
+        from library.models.loading import load_models
+
+        a = self.args
+        return load_models(a.pretrained_model_name_or_path, v2=bool(a.v2), v_parameterization=bool(a.v_parameterization),
+                           vae=a.vae, tokenizer_cache_dir=a.tokenizer_cache_dir, expected=self.expected_families())
+
+    # ------------------------------------------------------------------ hooks: data
+    def build_dataset_group(self, seed: int, world: int) -> Any:
+        """The datasets, with global batches of ``train_batch_size x world``."""
+        from library.config.dataset_config import build_blueprint_for_args
+        from library.data.dataset import build_dataset_group
+        from library.training.data import scale_batch_sizes
+
+        blueprint = scale_batch_sizes(build_blueprint_for_args(vars(self.args)), world)
+        return build_dataset_group(blueprint, seed=seed)
+
+    def cache_latents(self, group: Any, vae: torch.nn.Module, accelerator: Any) -> None:
+        """``--cache_latents``: encode every image once (to memory or disk) before training."""
+        from library.data.latent_cache import cache_latents
+
+        a = self.args
+        kwargs = dict(vae_batch_size=a.vae_batch_size or 1, to_disk=bool(a.cache_latents_to_disk),
+                      skip_cache_check=bool(a.skip_cache_check), seed=0, progress=accelerator.is_main_process)
+        if a.cache_latents_to_disk and accelerator.num_processes > 1:
+            # only the main process writes cache files; the others then find them valid
+            if accelerator.is_main_process:
+                cache_latents(group, vae, **kwargs)
+            accelerator.wait_for_everyone()
+            if not accelerator.is_main_process:
+                cache_latents(group, vae, **kwargs)
+        else:
+            cache_latents(group, vae, **kwargs)
+
+    # ------------------------------------------------------------------ hooks: network
+    def import_network_module(self) -> Any:
+        name = self.args.network_module or "networks.lora"
+        try:
+            return importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--network_module {name!r} cannot be imported ({e}); give a module path such as "
+                              "networks.lora or lycoris.kohya (pip install lycoris-lora)") from e
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """``--network_args key=value`` as a dict of strings (kohya passes strings to the module)."""
+        kwargs: dict[str, Any] = {}
+        for item in self.args.network_args or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--network_args entry {item!r} is not key=value")
+            kwargs[key.strip()] = value.strip()
+        return kwargs
+
+    def create_network(self, module: Any, model: Any, net_kwargs: dict[str, Any]) -> torch.nn.Module:
+        a = self.args
+        te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
+        if a.dim_from_weights:
+            if not a.network_weights:
+                raise ConfigError("--dim_from_weights needs --network_weights")
+            network, _ = module.create_network_from_weights(1.0, a.network_weights, model.vae, te, model.unet,
+                                                            **net_kwargs)
+        else:
+            if "dropout" not in net_kwargs:  # kohya injects the dropout into the module's kwargs
+                net_kwargs["dropout"] = a.network_dropout
+            network = module.create_network(1.0, a.network_dim, a.network_alpha, model.vae, te, model.unet,
+                                            neuron_dropout=a.network_dropout, **net_kwargs)
+        if network is None:
+            raise ConfigError(f"--network_module {a.network_module}: create_network returned nothing")
+        return network
+
+    # ------------------------------------------------------------------ per-step maths
+    def encode_text(self, s: Session, batch: dict[str, Any]) -> Conditioning:
+        ids = s.family.tokenize(s.model.tokenizers, batch["captions"], self.args.max_token_length)
+        device = s.accelerator.device
+        ids = [t.to(device) for t in ids]
+        with torch.set_grad_enabled(s.train_text_encoder), s.accelerator.autocast():
+            return s.family.encode(s.model.text_encoders, s.model.tokenizers, ids, self.args.clip_skip)
+
+    def batch_latents(self, s: Session, batch: dict[str, Any]) -> torch.Tensor:
+        """Scaled latents ``[B, 4, h, w]`` (cached, or encoded now without gradients)."""
+        device = s.accelerator.device
+        scale = s.model.vae.config.scaling_factor
+        if batch.get("latents") is not None:
+            latents = batch["latents"].to(device)
+        else:
+            vae = s.model.vae
+            with torch.no_grad():
+                latents = vae.encode(batch["images"].to(device, dtype=vae.dtype)).latent_dist.sample()
+        if torch.isnan(latents).any() or torch.isinf(latents).any():
+            raise TrainingError("NaN/inf in the latents: the VAE overflows in this precision; use --no_half_vae "
+                                "or a VAE fixed for fp16 (--vae)")
+        return latents.float() * scale
+
+    def compute_loss(self, s: Session, batch: dict[str, Any], gens: list[torch.Generator], n_real: int,
+                     global_size: int) -> torch.Tensor:
+        """This process's share of the global batch's mean loss (a scalar with grad).
+
+        Dividing the per-sample sum by ``global_size`` and summing the gradients over processes
+        gives exactly the gradient of the global mean, whatever the split.
+        """
+        a = self.args
+        latents = self.batch_latents(s, batch)
+        cond = self.encode_text(s, batch)
+        noise = N.make_noise(latents, gens, a.noise_offset, bool(a.noise_offset_random_strength))
+        timesteps = N.sample_timesteps(gens, a.min_timestep, a.max_timestep,
+                                       len(s.alphas_cumprod)).to(latents.device)
+        noisy = N.add_noise(s.alphas_cumprod, latents, noise, timesteps)
+        with s.accelerator.autocast():
+            pred = s.family.predict(s.model.unet, noisy.to(s.weight_dtype), timesteps, cond, batch)
+        target = N.velocity(s.alphas_cumprod, latents, noise, timesteps) if s.v_prediction else noise
+        loss = L.elementwise_loss(pred, target, a.loss_type or "l2")
+        if a.masked_loss and batch.get("alpha_masks") is not None:
+            loss = L.apply_masks(loss, batch["alpha_masks"].to(loss.device))
+        per_sample = loss.mean(dim=(1, 2, 3))
+        weights = L.prior_loss_weights(batch["is_reg"], batch.get("loss_weights"), a.prior_loss_weight)
+        if a.min_snr_gamma:
+            weights = weights * L.min_snr_weight(N.snr(s.alphas_cumprod, timesteps.cpu()), a.min_snr_gamma,
+                                                 s.v_prediction)
+        weights[n_real:] = 0.0  # padding samples of an uneven last batch
+        return (per_sample * weights.to(per_sample)).sum() / global_size
+
+    # ------------------------------------------------------------------ orchestration
+    def train(self) -> Path | None:
+        """Run the whole training; returns the final network file (main process) or None."""
+        from library.training.loop import run_loop
+        from library.training.setup import setup_session
+
+        session = setup_session(self)
+        return run_loop(self, session)
+
+    def check_output_dir(self) -> Path:
+        out = Path(self.args.output_dir or ".")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ModelSaveError(f"--output_dir {out}: cannot create it ({e.strerror}); choose another folder") from e
+        if not os.access(out, os.W_OK):
+            raise ModelSaveError(f"--output_dir {out} is not writable; choose another folder or fix its permissions")
+        return out
+
+    def save_dtype(self) -> torch.dtype | None:
+        return _SAVE_DTYPES[self.args.save_precision]
+
+    def weight_dtype(self) -> torch.dtype:
+        return _DTYPES[self.args.mixed_precision or "no"]
+
+    def resolve_seed(self, accelerator: Any) -> int:
+        """``--seed`` or a random one, the same on every process."""
+        from accelerate.utils import broadcast_object_list
+
+        seed = self.args.seed if self.args.seed is not None else random.randint(0, 2**32 - 1)
+        if accelerator.num_processes > 1:
+            seed = broadcast_object_list([seed])[0]
+        return int(seed)
+
+    # ------------------------------------------------------------------ outputs
+    def save_network(self, s: Session, path: Path, steps: int, epoch: int) -> None:
+        """Write the network with its metadata atomically (main process only; others wait)."""
+        from library.training.metadata_setup import metadata_for_save
+        from library.utils.atomic import atomic_path
+
+        if s.accelerator.is_main_process:
+            md = metadata_for_save(s, steps, epoch)
+            with atomic_path(path) as tmp:
+                s.network.save_weights(str(tmp), s.save_dtype, md)
+            logger.info("saved %s", path)
+        s.accelerator.wait_for_everyone()
+
+    def sample_images(self, s: Session, steps: int, epoch: int | None) -> None:
+        """Render ``--sample_prompts`` when kohya's cadence says so."""
+        from library.training.sampling import sample_during_training, should_sample
+
+        a = self.args
+        if not a.sample_prompts or not should_sample(steps=steps, epoch=epoch, every_n_steps=a.sample_every_n_steps,
+                                                     every_n_epochs=a.sample_every_n_epochs,
+                                                     at_first=bool(a.sample_at_first)):
+            return
+        if s.accelerator.is_main_process:
+            with torch.no_grad():
+                sample_during_training(s, steps, epoch)
+        s.accelerator.wait_for_everyone()
+
+    def session_metadata_extra(self) -> dict[str, Any]:
+        """Hook: family-specific ``ss_*`` keys (SDXL adds its own)."""
+        return {}
+
+    def started(self) -> tuple[int, float]:
+        return random.randint(0, 2**32 - 1), time.time()
+
+
+def num_epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:
+    return math.ceil(max_train_steps / max(1, steps_per_epoch))
