@@ -167,9 +167,10 @@ def _single(flag: Flag) -> Flag:
     return Flag(**{**flag.__dict__, "nargs": None})
 
 
-def _make_parser(script: str, raw: bool) -> _Parser:
+def _make_parser(script: str, raw: bool) -> argparse.ArgumentParser:
     """``raw``: no defaults (SUPPRESS) and no type conversion, to see what the user typed."""
-    parser = _Parser(prog=script, allow_abbrev=False,
+    cls = _Parser if raw else argparse.ArgumentParser
+    parser = cls(prog=script, allow_abbrev=False,
                      description=f"{script} (sdtk, kohya-compatible flags). Precedence: "
                      "defaults < --config_file TOML < command line. See docs/flags.md.")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -196,6 +197,12 @@ def _make_parser(script: str, raw: bool) -> _Parser:
                 kw["required"] = True
         group.add_argument(*flag.spellings, **kw)
     return parser
+
+
+@functools.lru_cache(maxsize=None)
+def _raw_parser(script: str) -> argparse.ArgumentParser:
+    # parsing does not change a parser, so one per script is enough
+    return _make_parser(script, raw=True)
 
 
 def build_parser(script: str) -> argparse.ArgumentParser:
@@ -272,7 +279,7 @@ def _parse_command_line(script: str, argv: Sequence[str] | None) -> tuple[dict[s
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _make_parser(script, raw=True)
+    parser = _raw_parser(script)
     try:
         ns, extras = parser.parse_known_args(argv)
     except _ArgparseFailure as e:

@@ -75,6 +75,8 @@ def convert(flag: Flag, raw: Any) -> tuple[Any, list[str]]:
     """Convert and check a raw value for ``flag``; returns (value, problems)."""
     if raw is None:
         return None, []
+    if isinstance(raw, (list, tuple)) and not flag.is_list:
+        return None, [f"expected a single value, got a list {list(raw)!r}"]
     items = raw if isinstance(raw, (list, tuple)) else [raw]
     out, problems = [], []
     for item in items:
