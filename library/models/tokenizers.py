@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib import resources
 from pathlib import Path
 
 from library.errors import ModelLoadError
@@ -76,7 +77,8 @@ def _from_hub(hub_id: str, subfolder: str | None, pad: str | None, cache_dir, tr
         f"tokenizer {hub_id!r} is not available offline (looked in: {', '.join(tried) or 'nowhere'}). "
         f"Put a copy of it (tokenizer.json or vocab.json + merges.txt) in "
         f"<tokenizer_cache_dir>/{hub_id.replace('/', '_')} and pass --tokenizer_cache_dir, "
-        "or use a diffusers model folder that contains it"
+        "or use a diffusers model folder that contains it; to build the standard CLIP tokenizers offline run: "
+        f"python tools/make_clip_tokenizer.py --tokenizer_cache_dir {cache_dir or '<dir>'}"
     )
     if _offline():
         raise ModelLoadError(how + " (HF_HUB_OFFLINE is set, so the hub was not tried)")
@@ -93,6 +95,35 @@ def _from_hub(hub_id: str, subfolder: str | None, pad: str | None, cache_dir, tr
             tok.save_pretrained(str(tmp))
         logger.info("saved tokenizer %s into %s", hub_id, cache_dir)
     return tok
+
+
+def build_clip_tokenizer(pad_token: str | None = None):
+    """The real CLIP ViT-L/14 (and OpenCLIP bigG/H) tokenizer, rebuilt offline from the bundled BPE file.
+
+    The vocabulary is OpenAI's: 256 byte symbols, the same with ``</w>``, one token per merge of the
+    first 48,894 merges, then ``<|startoftext|>`` and ``<|endoftext|>`` (49,408 tokens).
+    """
+    import gzip
+
+    from transformers import CLIPTokenizer
+
+    from library.models.tiny import _bytes_to_unicode
+
+    data = resources.files("library.models").joinpath("data/bpe_simple_vocab_16e6.txt.gz").read_bytes()
+    lines = gzip.decompress(data).decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab_list)}, merges=merges)
+    return _finish(tok, pad_token)
+
+
+def write_builtin_tokenizers(family: Family, cache_dir: str | os.PathLike) -> list[Path]:
+    """Write the family's tokenizers, rebuilt from the bundled vocabulary, into a kohya-layout cache."""
+    toks = [build_clip_tokenizer(_pad_token(family, i)) for i in range(len(TOKENIZER_IDS[family]))]
+    save_tokenizer_cache(toks, family, cache_dir)
+    return [cache_folder(cache_dir, hub_id) for hub_id, _ in TOKENIZER_IDS[family]]
 
 
 def save_tokenizer_cache(tokenizers: list, family: Family, cache_dir: str | os.PathLike) -> None:
