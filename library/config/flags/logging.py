@@ -16,8 +16,8 @@ FLAGS = in_group("logging", [
     F("--wandb_api_key", str, None, TODO, "W&B API key (otherwise taken from the environment).",
       secret=True),
     F("--log_config", bool, False, TODO, "Send the training config to the trackers."),
-    F("--console_log_level", str, None, TODO, "Console log level.",
+    F("--console_log_level", str, None, DONE, "Console log level.",
       choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]),
-    F("--console_log_file", str, None, TODO, "Also write the console log to this file."),
-    F("--console_log_simple", bool, False, TODO, "Plain console log format."),
+    F("--console_log_file", str, None, DONE, "Also write the console log to this file."),
+    F("--console_log_simple", bool, False, DONE, "Plain console log format."),
 ])

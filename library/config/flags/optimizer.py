@@ -45,7 +45,7 @@ FLAGS = in_group("optimizer", [
     F("--optimizer_type", str, "", DONE,
       "Optimizer, case-insensitive: AdamW (default), AdamW8bit, Lion, Prodigy, DAdaptAdam, "
       "AdaFactor, ... or any package.module.Class.", check=_optimizer_name),
-    F("--optimizer_args", str, None, TODO,
+    F("--optimizer_args", str, None, DONE,
       "Extra optimizer arguments as key=value items (e.g. weight_decay=0.01 betas=0.9,0.999).",
       nargs="*", check=key_values),
     F("--use_8bit_adam", bool, False, DONE,

@@ -37,7 +37,7 @@ FLAGS = in_group("training", [
       "Offload checkpointed activations to CPU memory."),
     F("--fused_backward_pass", bool, False, unsupported("kohya uses it only for full fine-tuning (sdxl_train)"),
       "Apply the optimizer step inside the backward pass to save memory (AdaFactor only)."),
-    F("--ddp_timeout", int, None, TODO,
+    F("--ddp_timeout", int, None, DONE,
       "Timeout for the multi-process group, in minutes.", check=at_least(1)),
     F("--ddp_gradient_as_bucket_view", bool, False, TODO,
       "DistributedDataParallel option gradient_as_bucket_view (saves memory)."),
