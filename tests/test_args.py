@@ -145,12 +145,12 @@ def test_cross_flag_rules_and_kohya_normalisation():
     with pytest.raises(ConfigError) as info:
         A.parse_args("sdxl_train_network", ["--v2", "--full_bf16", "--cache_latents", "--color_aug",
                                             "--cache_text_encoder_outputs", "--shuffle_caption",
-                                            "--min_timestep", "500", "--max_timestep", "100"])
+                                            "--min_bucket_reso", "1024", "--max_bucket_reso", "512"])
     text = str(info.value)
     for needle in ("--v2 cannot be used with SDXL", "--full_bf16 needs --mixed_precision bf16",
                    "--cache_latents cannot be used with --color_aug",
                    "--cache_text_encoder_outputs needs --network_train_unet_only",
-                   "cannot be used with --shuffle_caption", "--min_timestep (500)"):
+                   "cannot be used with --shuffle_caption", "--min_bucket_reso (1024) must not exceed"):
         assert needle in text
     ns = A.parse_args("train_network", ["--caption_extention", ".txt", "--use_8bit_adam", "--cache_latents_to_disk"])
     assert ns.caption_extension == ".txt" and ns.caption_extention is None
@@ -274,3 +274,18 @@ def test_docs_are_generated_from_declarations():
     from tools.gen_flag_docs import DEFAULT_OUT, render
 
     assert DEFAULT_OUT.read_text(encoding="utf-8") == render(), "run python tools/gen_flag_docs.py"
+
+
+def test_gui_style_off_values_are_accepted_for_unimplemented_flags(tmp_path):
+    # configs written by GUIs spell "off" as 0 / "" for flags kohya tests by truthiness
+    cfg = tmp_path / "gui.toml"
+    cfg.write_text('multires_noise_iterations = 0\nip_noise_gamma = 0\nmax_timestep = 1000\n'
+                   'log_tracker_config = ""\nlr_scheduler_args = []\nloss_type = "l2"\ndeepspeed = false\n'
+                   'min_snr_gamma = 0\n')
+    ns = A.parse_args("train_network", ["--config_file", str(cfg)])
+    # a flag sdtk does not implement always holds its default in the namespace
+    assert ns.multires_noise_iterations is None and ns.max_timestep is None and ns.lr_scheduler_args is None
+    assert ns.min_snr_gamma == 0  # implemented: kept as given (0 = off, as in kohya)
+    cfg.write_text("multires_noise_iterations = 6\n")
+    with pytest.raises(ConfigError, match="--multires_noise_iterations is not supported by sdtk"):
+        A.parse_args("train_network", ["--config_file", str(cfg)])

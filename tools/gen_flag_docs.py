@@ -32,7 +32,9 @@ do not edit by hand.*
 sdtk's scripts take kohya sd-scripts' flags with kohya's names, defaults and meanings. Every
 kohya flag of a script is known: a flag sdtk implements works as in kohya; a flag it does not
 implement is rejected with `--flag is not supported by sdtk: <reason>` when it is given a
-value other than its default — never silently ignored.
+value other than its default — never silently ignored. Configs may still list such a flag
+with its default or with a value kohya treats as "off" (an empty text, or 0 for flags like
+`multires_noise_iterations`), as GUI-written configs often do.
 
 ## Where values come from
 

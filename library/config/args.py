@@ -32,6 +32,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 _KOHYA_FILE = Path(__file__).with_name("kohya_flags.json")
 # Never written by --output_config: they only say how the config itself was read or written.
 _NOT_WRITTEN = ("config_file", "output_config")
-_UNSET = object()
 
 
 # ---- the declarations bound to a script --------------------------------------------------
@@ -255,9 +255,12 @@ def parse_args(script: str, argv: Sequence[str] | None = None) -> argparse.Names
         value, bad = convert(flag, raw)
         problems += [f"{source}: {p}" for p in bad]
         values[flag.dest] = flag.default if bad else value
-        if not bad and not flag.support.implemented and not _is_default(value, flag.default):
-            where = f" (set in {config_path})" if source != flag.name else ""
-            problems.append(f"{flag.name} is not supported by sdtk: {flag.support.reason}{where}")
+        if not bad and not flag.support.implemented:
+            # a flag sdtk does not implement always holds its default in the namespace
+            values[flag.dest] = flag.default
+            if not flag.is_off(value):
+                where = f" (set in {config_path})" if source != flag.name else ""
+                problems.append(f"{flag.name} is not supported by sdtk: {flag.support.reason}{where}")
 
     problems += apply_rules(values, script)
     if problems:
@@ -269,15 +272,8 @@ def parse_args(script: str, argv: Sequence[str] | None = None) -> argparse.Names
     return args
 
 
-def _is_default(value: Any, default: Any) -> bool:
-    # an empty list (``--network_args`` with no items) means the same as unset
-    return value == default or (value == [] and default is None)
-
-
 def _parse_command_line(script: str, argv: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
     """The flags the user typed (raw text), and problems with unknown flags."""
-    import sys
-
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _raw_parser(script)
     try:

@@ -73,6 +73,9 @@ class Flag:
             topic module.
         secret: never written by ``--output_config`` (API keys, tokens).
         required: must be given (only used by some tools' positional arguments).
+        off: values that kohya treats exactly like the default ("off"), e.g. 0 for a flag it
+            tests by truthiness; configs written by GUIs often contain them. An unset text
+            ("") or an empty list is always treated as off when the default is None.
     """
 
     spellings: tuple[str, ...]
@@ -88,6 +91,7 @@ class Flag:
     group: str = ""
     secret: bool = False
     required: bool = False
+    off: tuple = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -103,6 +107,12 @@ class Flag:
     @property
     def is_list(self) -> bool:
         return self.nargs is not None
+
+    def is_off(self, value: Any) -> bool:
+        """True if ``value`` means the same as leaving the flag at its default."""
+        if value == self.default or value in self.off:
+            return True
+        return self.default is None and value in ("", [])
 
     @property
     def name(self) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, TODO, F, at_least, between, in_group, key_values, non_negative, positive
+from library.config.flags.base import DONE, TODO, F, at_least, between, in_group, key_values, non_negative
 
 FLAGS = in_group("network", [
     F("--network_module", str, None, DONE,
@@ -30,8 +30,8 @@ FLAGS = in_group("network", [
       "Learning rate of the text-encoder modules (default: --learning_rate); for SDXL two "
       "values set text encoder 1 and 2 separately.", nargs="*", check=non_negative),
     F("--scale_weight_norms", float, None, TODO,
-      "Max-norm regularization: rescale LoRA weights whose norm exceeds this (1 typical).",
-      check=positive),
+      "Max-norm regularization: rescale LoRA weights whose norm exceeds this (1 typical; 0 = off).",
+      check=non_negative, off=(0.0,)),
     F("--base_weights", str, None, TODO,
       "Network files merged into the base model before training.", nargs="*"),
     F("--base_weights_multiplier", float, None, TODO,
