@@ -290,6 +290,14 @@ def test_syntax_errors_name_file_and_line(tmp_path):
         load_config_file(tmp_path / "missing.toml")
 
 
+def test_toml_that_only_kohyas_parser_accepts_still_loads(tmp_path, caplog):
+    # the `toml` package kohya uses accepts text after a closing triple quote; TOML 1.0 does not
+    p = write(tmp_path, '[general]\nkeep_tokens = 1\ncaption_prefix = """sks"""x\n')
+    with caplog.at_level("WARNING"):
+        assert load_config_file(p)["general"]["keep_tokens"] == 1
+    assert "is not valid TOML 1.0 (line 3, column" in caplog.text and "Please fix it" in caplog.text
+
+
 def test_invalid_command_line_fallback():
     (p,) = problems_of(one_subset(), {"resolution": "512x768"})
     assert p == "--resolution: expected an int or [width, height], got '512x768'"

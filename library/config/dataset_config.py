@@ -70,16 +70,20 @@ def _parse_toml(text: str, source: str) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as strict_error:
-        # kohya parses with the `toml` package, which accepts a few things TOML 1.0 does not;
-        # a config kohya accepts must keep working
-        try:
-            return toml.loads(text)
-        except Exception:
-            pass
         msg = str(strict_error)
         m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
         where = f"line {m.group(1)}, column {m.group(2)}" if m else "unknown line"
         msg = re.sub(r"\s*\(at line \d+, column \d+\)", "", msg)
+        # kohya parses with the `toml` package, which accepts a few things TOML 1.0 does not;
+        # a config kohya accepts must keep working, but the user should know
+        try:
+            data = toml.loads(text)
+        except Exception:
+            pass
+        else:
+            logger.warning("%s is not valid TOML 1.0 (%s: %s); read it leniently like kohya does. Please fix it: "
+                           "the lenient parser may drop what it does not understand", source, where, msg)
+            return data
         hint = ""
         if "\\" in msg or "escape" in msg.lower():
             hint = " (for Windows paths use single quotes: image_dir = 'C:\\data\\10_sks dog')"
