@@ -30,7 +30,11 @@ def make_accelerator(args: Any):
 
     trackers = resolve_trackers(args.log_with, args.logging_dir)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
-    return Accelerator(mixed_precision=args.mixed_precision or "no", gradient_accumulation_steps=1,
+    # torchrun / accelerate on a machine without a GPU: accelerate needs cpu=True to form the gloo group
+    import os
+
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=cpu, mixed_precision=args.mixed_precision or "no", gradient_accumulation_steps=1,
                        log_with=trackers or None, project_dir=args.logging_dir, kwargs_handlers=handlers)
 
 

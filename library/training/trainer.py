@@ -154,8 +154,12 @@ class NetworkTrainer:
         with torch.set_grad_enabled(s.train_text_encoder), s.accelerator.autocast():
             return s.family.encode(s.model.text_encoders, s.model.tokenizers, ids, self.args.clip_skip)
 
-    def batch_latents(self, s: Session, batch: dict[str, Any]) -> torch.Tensor:
-        """Scaled latents ``[B, 4, h, w]`` (cached, or encoded now without gradients)."""
+    def batch_latents(self, s: Session, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
+        """Scaled latents ``[B, 4, h, w]`` (cached, or encoded now without gradients).
+
+        The VAE's posterior is sampled with the per-sample generators, so a sample's latents do
+        not depend on which process encodes it.
+        """
         device = s.accelerator.device
         scale = s.model.vae.config.scaling_factor
         if batch.get("latents") is not None:
@@ -163,7 +167,9 @@ class NetworkTrainer:
         else:
             vae = s.model.vae
             with torch.no_grad():
-                latents = vae.encode(batch["images"].to(device, dtype=vae.dtype)).latent_dist.sample()
+                dist = vae.encode(batch["images"].to(device, dtype=vae.dtype)).latent_dist
+                eps = N.per_sample_randn(gens, tuple(dist.mean.shape[1:]), dist.mean.device, dist.mean.dtype)
+                latents = dist.mean + dist.std * eps
         if torch.isnan(latents).any() or torch.isinf(latents).any():
             raise TrainingError("NaN/inf in the latents: the VAE overflows in this precision; use --no_half_vae "
                                 "or a VAE fixed for fp16 (--vae)")
@@ -177,7 +183,7 @@ class NetworkTrainer:
         gives exactly the gradient of the global mean, whatever the split.
         """
         a = self.args
-        latents = self.batch_latents(s, batch)
+        latents = self.batch_latents(s, batch, gens)
         cond = self.encode_text(s, batch)
         noise = N.make_noise(latents, gens, a.noise_offset, bool(a.noise_offset_random_strength))
         timesteps = N.sample_timesteps(gens, a.min_timestep, a.max_timestep,
