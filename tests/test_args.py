@@ -28,6 +28,7 @@ _COMPANIONS = {
     "cache_text_encoder_outputs": ["--network_train_unet_only"],
     "cache_text_encoder_outputs_to_disk": ["--network_train_unet_only"],
     "dim_from_weights": ["--network_weights", "w.safetensors"],
+    "lr_warmup_steps": ["--lr_scheduler", "cosine"],
 }
 
 
@@ -111,12 +112,12 @@ def test_sdxl_only_flags_belong_to_sdxl_script():
 
 def test_value_conversion_and_validation():
     ns = A.parse_args("sdxl_train_network", [
-        "--lr_warmup_steps", "5%", "--lr_decay_steps", "0", "--text_encoder_lr", "1e-5", "2e-5",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "5%", "--lr_decay_steps", "0", "--text_encoder_lr", "1e-5", "2e-5",
         "--max_token_length", "75", "--resolution", "1024", "--dataset_config", "d.toml"])
     assert ns.lr_warmup_steps == pytest.approx(0.05) and ns.text_encoder_lr == [1e-5, 2e-5]
     assert ns.max_token_length == 75 and ns.dataset_config == Path("d.toml")
-    assert A.parse_args("train_network", ["--lr_warmup_steps", "100"]).lr_warmup_steps == 100
-    assert isinstance(A.parse_args("train_network", ["--lr_warmup_steps", "100"]).lr_warmup_steps, int)
+    warm = A.parse_args("train_network", ["--lr_scheduler", "linear", "--lr_warmup_steps", "100"]).lr_warmup_steps
+    assert warm == 100 and isinstance(warm, int)
     bad = [
         (["--learning_rate", "0"], "--learning_rate: must be > 0"),
         (["--learning_rate", "abc"], "--learning_rate: expected a number"),
@@ -125,6 +126,7 @@ def test_value_conversion_and_validation():
         (["--save_precision", "half"], "--save_precision: invalid choice"),
         (["--save_model_as", "diffusers"], "--save_model_as: invalid choice"),
         (["--lr_warmup_steps", "1.5"], "ratio in [0, 1)"),
+        (["--lr_warmup_steps", "10"], "--lr_warmup_steps needs a scheduler with warmup"),
         (["--text_encoder_lr", "1", "2", "3"], "takes 1 or 2 values"),
         (["--resolution", "512x512"], "--resolution: must be 1 or 2 integers"),
         (["--optimizer_type", "adamw9bit"], "did you mean 'AdamW8bit'"),
@@ -182,7 +184,7 @@ def test_config_file_precedence_and_kohya_semantics(tmp_path):
         "[model_arguments]\npretrained_model_name_or_path = \"m.safetensors\"\n"
         "[training_arguments]\nlearning_rate = 1e-4\nmax_train_steps = 10.0\nseed = 1\n"
         "network_args = \"conv_dim=4\"\ntext_encoder_lr = 5e-5\nresolution = 512\n"
-        "lr_warmup_steps = 0.1\n")
+        "lr_warmup_steps = 0.1\nlr_scheduler = \"linear\"\n")
     # ".toml" is appended as kohya does; the command line overrides the file, the file the defaults
     ns = A.parse_args("train_network", ["--config_file", str(tmp_path / "run"), "--seed", "7"])
     assert ns.pretrained_model_name_or_path == "m.safetensors"
@@ -206,7 +208,7 @@ def test_output_config_round_trip(tmp_path):
     out = tmp_path / "out"
     argv = ["--output_dir", str(out), "--output_name", "mylora", "--learning_rate", "3e-4",
             "--network_args", "conv_dim=4", "conv_alpha=1", "--text_encoder_lr", "1e-5", "2e-5",
-            "--lr_warmup_steps", "0.05", "--dataset_config", str(tmp_path / "d.toml"),
+            "--lr_scheduler", "cosine", "--lr_warmup_steps", "0.05", "--dataset_config", str(tmp_path / "d.toml"),
             "--caption_extension", '.t"x\\t', "--seed", "3", "--full_bf16", "--mixed_precision", "bf16",
             "--output_config"]
     ns = A.parse_args("sdxl_train_network", argv)

@@ -34,7 +34,7 @@ def _optimizer_name(v: Any) -> str | None:
 
 
 def _scheduler_name(v: Any) -> str | None:
-    if v in SCHEDULERS:
+    if v in SCHEDULERS or v.startswith("adafactor:"):  # kohya's "adafactor:<initial lr>"
         return None
     hint = suggest(v, SCHEDULERS)
     return (f"unknown scheduler {v!r}; use one of {', '.join(SCHEDULERS)} (or --lr_scheduler_type "

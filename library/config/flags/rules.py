@@ -45,6 +45,9 @@ def _optimizer(v: Values, script: str) -> list[str]:
         out.append("--use_8bit_adam and --use_lion_optimizer cannot be used together")
     elif v.get("use_8bit_adam") and v.get("optimizer_type"):
         out.append("--use_8bit_adam conflicts with --optimizer_type; use only --optimizer_type")
+    if v.get("lr_scheduler") == "constant" and v.get("lr_warmup_steps"):
+        out.append("--lr_warmup_steps needs a scheduler with warmup (e.g. --lr_scheduler "
+                   "constant_with_warmup); kohya rejects warmup with 'constant' too")
     te_lr = v.get("text_encoder_lr")
     if isinstance(te_lr, list) and len(te_lr) > 2:
         out.append(f"--text_encoder_lr takes 1 or 2 values (text encoder 1 and 2), got {len(te_lr)}")
