@@ -269,6 +269,8 @@ def test_structure_errors(tmp_path):
     assert problems_of({"general": {}}) == [
         "no [[datasets]] defined; add at least one [[datasets]] with a [[datasets.subsets]] entry (image_dir = '...')"]
     assert problems_of({"datsets": []})[0].startswith("datsets: unknown top-level table; did you mean `datasets`?")
+    (p,) = problems_of(one_subset({"subsets": []}))
+    assert p.startswith("datasets[0].subsets[0].subsets: [subsets] cannot be nested here")
     assert problems_of({"datasets": [{"resolution": 512}]}) == [
         "datasets[0]: has no [[datasets.subsets]]; add one with image_dir = '...'"]
 

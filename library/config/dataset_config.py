@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import toml
+from voluptuous import Invalid
 
 from library.config.dataset_params import Blueprint, DatasetParams, SubsetParams
 from library.config.dataset_schema import (
@@ -114,6 +115,10 @@ def _check_table(table: Mapping[str, Any], loc: str, level: str, kind: str | Non
             problems.append(f"{where}: both `{key}` and its old spelling `{raw_key}` are set; keep only `{key}`")
             continue
         option = OPTIONS.get(key)
+        if key in ("subsets", "datasets", "general"):
+            problems.append(f"{where}: [{key}] cannot be nested here; the structure is [general], [[datasets]], "
+                            "[[datasets.subsets]]")
+            continue
         if option is None:
             problems.append(f"{where}: unknown option{_suggest(raw_key, list(OPTIONS) + list(extra_keys))}")
             continue
@@ -130,8 +135,8 @@ def _check_table(table: Mapping[str, Any], loc: str, level: str, kind: str | Non
             continue
         try:
             out[key] = option.schema(value)
-        except Exception as e:  # voluptuous.MultipleInvalid / Invalid
-            problems.append(f"{where}: {getattr(e, 'msg', str(e))}")
+        except Invalid as e:  # also MultipleInvalid
+            problems.append(f"{where}: {e.msg}")
             if invalid is not None:
                 invalid.add(key)
     return out
@@ -185,8 +190,8 @@ def _fallback_values(fallback: Mapping[str, Any], problems: list[str], invalid: 
             value = _parse_number_list(value, float)
         try:
             out[name] = OPTIONS[name].schema(value)
-        except Exception as e:
-            problems.append(f"--{arg}: {getattr(e, 'msg', str(e))}")
+        except Invalid as e:
+            problems.append(f"--{arg}: {e.msg}")
             invalid.add(name)
     return out
 
