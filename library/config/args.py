@@ -28,6 +28,7 @@ and raised together as one :class:`~library.errors.ConfigError`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -162,17 +163,15 @@ def _argparse_type(flag: Flag):
 
 def _single(flag: Flag) -> Flag:
     """The same flag seen as a single value (argparse converts list items one by one)."""
-    if flag.nargs is None:
-        return flag
-    return Flag(**{**flag.__dict__, "nargs": None})
+    return flag if flag.nargs is None else dataclasses.replace(flag, nargs=None)
 
 
 def _make_parser(script: str, raw: bool) -> argparse.ArgumentParser:
     """``raw``: no defaults (SUPPRESS) and no type conversion, to see what the user typed."""
     cls = _Parser if raw else argparse.ArgumentParser
     parser = cls(prog=script, allow_abbrev=False,
-                     description=f"{script} (sdtk, kohya-compatible flags). Precedence: "
-                     "defaults < --config_file TOML < command line. See docs/flags.md.")
+                 description=f"{script} (sdtk, kohya-compatible flags). Precedence: "
+                 "defaults < --config_file TOML < command line. See docs/flags.md.")
     groups: dict[str, argparse._ArgumentGroup] = {}
     for flag in flags_for(script):
         group = groups.get(flag.group) or groups.setdefault(flag.group, parser.add_argument_group(flag.group))
@@ -186,7 +185,7 @@ def _make_parser(script: str, raw: bool) -> argparse.ArgumentParser:
             kw.setdefault("default", False)
         else:
             kw.setdefault("default", flag.default)
-            kw["metavar"] = _metavar(flag)
+            kw["metavar"] = flag.dest if flag.positional else _metavar(flag)
             if not raw:
                 kw["type"] = _argparse_type(flag)
             if flag.nargs is not None:

@@ -11,6 +11,7 @@ declaration: ``TODO`` -> ``DONE``.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import math
 from dataclasses import dataclass
@@ -140,7 +141,7 @@ def F(
 
 def in_group(group: str, flags: Sequence[Flag]) -> list[Flag]:
     """Stamp a topic group on a module's declarations."""
-    return [Flag(**{**f.__dict__, "group": group}) for f in flags]
+    return [dataclasses.replace(f, group=group) for f in flags]
 
 
 # ---- value checks (each returns a problem text or None) ----------------------------------
