@@ -169,3 +169,37 @@ def test_diffusers_load_lora_weights_gives_same_outputs(tmp_path, family, networ
     for i in range(len(ours.text_encoders)):
         torch.testing.assert_close(_te_out(theirs, i), _te_out(ours, i), rtol=1e-5, atol=1e-5)
         assert (_te_out(theirs, i) - _te_out(build_tiny_model(family), i)).abs().max() > 1e-3
+
+
+def test_sdxl_file_with_kohya_keys_loads(tmp_path):
+    """An SDXL LoRA in kohya's layout (sgm UNet names, te1/te2) loads and acts on the right modules."""
+    m = build_tiny_model(Family.SDXL)
+    g = torch.Generator().manual_seed(5)
+    modules = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q": (64, 64, ()),
+        "lora_unet_middle_block_1_proj_in": (64, 64, ()),
+        "lora_unet_input_blocks_3_0_op": (32, 32, (3, 3)),  # LoCon on the first downsampler
+        "lora_unet_output_blocks_3_0_in_layers_2": (64, 128, (3, 3)),  # resnet conv1 of up_blocks.1
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": (32, 32, ()),
+        "lora_te2_text_model_encoder_layers_1_mlp_fc2": (64, 128, ()),
+    }
+    sd = {}
+    for name, (out_f, in_f, k) in modules.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn((4, in_f, *k), generator=g).to(torch.bfloat16)
+        sd[f"{name}.lora_up.weight"] = torch.randn((out_f, 4, *((1, 1) if k else ())), generator=g).to(torch.bfloat16)
+        sd[f"{name}.alpha"] = torch.tensor(2.0, dtype=torch.bfloat16)
+    path = tmp_path / "kohya_sdxl.safetensors"
+    save_file(sd, str(path), {"ss_base_model_version": "sdxl_base_v1-0"})
+
+    base_unet, base_te2 = _unet_out(m), _te_out(m, 1)
+    net, _ = lora.create_network_from_weights(1.0, str(path), m.vae, _te(m), m.unet)
+    assert {x.lora_name for x in net.all_loras} == set(modules)
+    by_name = {x.lora_name: x for x in net.all_loras}
+    # the names resolved to the right diffusers modules
+    assert by_name["lora_unet_input_blocks_3_0_op"].org_module is m.unet.down_blocks[0].downsamplers[0].conv
+    assert by_name["lora_unet_output_blocks_3_0_in_layers_2"].org_module is m.unet.up_blocks[1].resnets[0].conv1
+    assert by_name["lora_te2_text_model_encoder_layers_1_mlp_fc2"].org_module is m.text_encoders[1].text_model.encoder.layers[1].mlp.fc2
+    net.apply_to(_te(m), m.unet)
+    info = net.load_weights(str(path))
+    assert not info.missing_keys and not info.unexpected_keys
+    assert (_unet_out(m) - base_unet).abs().max() > 1e-3 and (_te_out(m, 1) - base_te2).abs().max() > 1e-3

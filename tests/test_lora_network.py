@@ -309,3 +309,32 @@ def test_lycoris_kohya_calling_convention(sd1):
     out = sd1.unet(torch.randn(1, 4, 8, 8, generator=g), torch.tensor([10]), torch.randn(1, 77, 32, generator=g)).sample
     out.square().mean().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for g_ in params for p in g_["params"])
+
+
+def _sgm_sdxl_unet_names() -> set[str]:
+    """kohya's default SDXL UNet LoRA names, written out from the sgm architecture itself:
+    (sgm block, transformer depth) for every SpatialTransformer of SDXL base."""
+    blocks = [("input_blocks_4_1", 2), ("input_blocks_5_1", 2), ("input_blocks_7_1", 10), ("input_blocks_8_1", 10), ("middle_block_1", 10)]
+    blocks += [(f"output_blocks_{i}_1", 10) for i in (0, 1, 2)] + [(f"output_blocks_{i}_1", 2) for i in (3, 4, 5)]
+    per_block = [f"attn{a}_{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out_0")] + ["ff_net_0_proj", "ff_net_2"]
+    names = set()
+    for block, depth in blocks:
+        names |= {f"lora_unet_{block}_proj_in", f"lora_unet_{block}_proj_out"}
+        names |= {f"lora_unet_{block}_transformer_blocks_{d}_{p}" for d in range(depth) for p in per_block}
+    return names
+
+
+def test_full_size_sdxl_unet_key_set_matches_kohya():
+    """Full-size SDXL UNet built on the meta device (no memory): 722 modules, sgm names, as kohya."""
+    import json
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "library/models/configs/sdxl.json").read_text())["unet"]
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**cfg)
+    net = lora.create_network(1.0, 4, 1, None, [None, None], unet)
+    names = {m.lora_name for m in net.unet_loras}
+    assert len(names) == 722
+    assert names == _sgm_sdxl_unet_names()
