@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -33,6 +34,66 @@ def _is_target(module: torch.nn.Module, names: Iterable[str]) -> bool:
     # Match the class or a base class by name, so subclasses (e.g. attention variants) still count.
     wanted = set(names)
     return any(cls.__name__ in wanted for cls in type(module).__mro__)
+
+
+@dataclass
+class _RankPlan:
+    """Where each adapter's rank and alpha come from (kohya's five creation patterns)."""
+
+    lora_dim: int
+    alpha: float | None
+    conv_dim: int | None
+    conv_alpha: float | None
+    block_dims: list[int] | None
+    block_alphas: list[float] | None
+    conv_block_dims: list[int] | None
+    conv_block_alphas: list[float] | None
+    modules_dim: Mapping[str, int] | None
+    modules_alpha: Mapping[str, float] | None
+    is_sdxl: bool
+
+    def rank_for(self, name: str, child: torch.nn.Module, is_unet: bool) -> tuple[int | None, float | None]:
+        """(rank, alpha) of the adapter ``name`` over ``child``; rank None or 0 means no adapter."""
+        # Linear layers and 1x1 convs use the main rank; kxk convs only get one with conv_dim.
+        small = isinstance(child, torch.nn.Linear) or child.kernel_size == (1, 1)
+        if self.modules_dim is not None:  # from a file: exactly the modules it has
+            if name not in self.modules_dim:
+                return None, None
+            return self.modules_dim[name], (self.modules_alpha or {}).get(name)
+        if is_unet and self.block_dims is not None:
+            idx = block_index(name, self.is_sdxl)
+            if small:
+                return self.block_dims[idx], self.block_alphas[idx] if self.block_alphas else None
+            if self.conv_block_dims is None:
+                return None, None
+            return self.conv_block_dims[idx], self.conv_block_alphas[idx] if self.conv_block_alphas else None
+        if small:
+            return self.lora_dim, self.alpha
+        return (self.conv_dim, self.conv_alpha) if self.conv_dim is not None else (None, None)
+
+
+def _create_loras(
+    root: torch.nn.Module,
+    targets: Iterable[str],
+    name_fn: Callable[[str], str],
+    plan: _RankPlan,
+    is_unet: bool,
+    make: Callable[[str, torch.nn.Module, int, float | None], LoRAModule],
+) -> list[LoRAModule]:
+    """Adapters for every Linear/Conv2d inside the ``targets`` modules of ``root`` (kohya's order)."""
+    loras, seen = [], set()
+    for name, module in root.named_modules():
+        if not _is_target(module, targets):
+            continue
+        for child_name, child in module.named_modules():
+            if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) or id(child) in seen:
+                continue
+            seen.add(id(child))
+            lora_name = name_fn(f"{name}.{child_name}" if name else child_name)
+            dim, alpha = plan.rank_for(lora_name, child, is_unet)
+            if dim:
+                loras.append(make(lora_name, child, dim, alpha))
+    return loras
 
 
 class LoRANetwork(torch.nn.Module):
@@ -91,9 +152,12 @@ class LoRANetwork(torch.nn.Module):
         self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
         self.block_lr_weight: list[float] | None = None
 
+        # Keep None entries so SDXL's prefixes stay te1/te2 whichever encoder is missing.
         text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-        text_encoders = [te for te in text_encoders if te is not None] if len(text_encoders) > 1 else text_encoders
-        self.family = keys.family_of_models(unet, text_encoders) if is_sdxl is None else (Family.SDXL if is_sdxl else keys.family_of_models(unet))
+        if is_sdxl is None:
+            self.family = keys.family_of_models(unet, text_encoders)
+        else:
+            self.family = Family.SDXL if is_sdxl else keys.family_of_models(unet)
         self.is_sdxl = self.family is Family.SDXL
         layout = None
         if self.is_sdxl and unet is not None:
@@ -101,46 +165,26 @@ class LoRANetwork(torch.nn.Module):
 
             layout = UNetLayout(unet.config)
 
-        def dim_alpha(name: str, child: torch.nn.Module, is_unet: bool) -> tuple[int | None, float | None]:
-            small = isinstance(child, torch.nn.Linear) or child.kernel_size == (1, 1)
-            if modules_dim is not None:
-                return (modules_dim[name], modules_alpha[name]) if name in modules_dim else (None, None)
-            if is_unet and block_dims is not None:
-                idx = block_index(name, self.is_sdxl)
-                if small:
-                    return block_dims[idx], block_alphas[idx]
-                return (conv_block_dims[idx], conv_block_alphas[idx]) if conv_block_dims is not None else (None, None)
-            if small:
-                return lora_dim, alpha
-            return (conv_lora_dim, conv_alpha) if conv_lora_dim is not None else (None, None)
+        plan = _RankPlan(
+            lora_dim, alpha, conv_lora_dim, conv_alpha, block_dims, block_alphas, conv_block_dims, conv_block_alphas,
+            modules_dim, modules_alpha, self.is_sdxl,
+        )
 
-        def create(root: torch.nn.Module, targets: Iterable[str], is_unet: bool, prefix: str) -> list[LoRAModule]:
-            loras, seen = [], set()
-            for name, module in root.named_modules():
-                if not _is_target(module, targets):
-                    continue
-                for child_name, child in module.named_modules():
-                    if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) or id(child) in seen:
-                        continue
-                    seen.add(id(child))
-                    path = f"{name}.{child_name}" if name else child_name
-                    lname = keys.unet_lora_name(path, layout) if is_unet else keys.text_encoder_lora_name(prefix, path)
-                    dim, a = dim_alpha(lname, child, is_unet)
-                    if not dim:
-                        continue
-                    loras.append(module_class(lname, child, multiplier, dim, a, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout))
-            return loras
+        def make(name: str, child: torch.nn.Module, dim: int, a: float | None) -> LoRAModule:
+            return module_class(name, child, multiplier, dim, a, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout)
 
         self.text_encoder_loras: list[LoRAModule] = []
         for i, te in enumerate(text_encoders):
-            if te is None:
-                continue
-            prefix = keys.te_prefix(i + 1 if len(text_encoders) > 1 else None)
-            self.text_encoder_loras += create(te, self.TEXT_ENCODER_TARGET_REPLACE_MODULE, False, prefix)
+            if te is not None:
+                prefix = keys.te_prefix(i + 1 if len(text_encoders) > 1 else None)
+                name_fn = lambda path, prefix=prefix: keys.text_encoder_lora_name(prefix, path)  # noqa: E731
+                self.text_encoder_loras += _create_loras(te, self.TEXT_ENCODER_TARGET_REPLACE_MODULE, name_fn, plan, False, make)
         unet_targets = self.UNET_TARGET_REPLACE_MODULE
         if modules_dim is not None or conv_lora_dim is not None or conv_block_dims is not None:
             unet_targets = unet_targets + self.UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
-        self.unet_loras: list[LoRAModule] = create(unet, unet_targets, True, keys.PREFIX_UNET) if unet is not None else []
+        self.unet_loras: list[LoRAModule] = []
+        if unet is not None:
+            self.unet_loras = _create_loras(unet, unet_targets, lambda path: keys.unet_lora_name(path, layout), plan, True, make)
         logger.info("LoRA: %d text-encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras))
 
         for lora in self.text_encoder_loras + self.unet_loras:

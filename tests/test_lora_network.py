@@ -338,3 +338,45 @@ def test_full_size_sdxl_unet_key_set_matches_kohya():
     names = {m.lora_name for m in net.unet_loras}
     assert len(names) == 722
     assert names == _sgm_sdxl_unet_names()
+
+
+def _lora_grads(m, net) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    net.zero_grad(set_to_none=True)
+    m.unet(x, torch.tensor([10, 900]), ctx).sample.square().mean().backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters()}
+
+
+def test_gradient_checkpointing_gives_same_gradients(sd1):
+    net = lora.create_network(1.0, 4, 1, sd1.vae, _te(sd1), sd1.unet, conv_dim=2)
+    net.apply_to(_te(sd1), sd1.unet, apply_text_encoder=False)
+    _randomize_up(net)
+    net.prepare_grad_etc(_te(sd1), sd1.unet)
+    sd1.unet.train()
+    plain = _lora_grads(sd1, net)
+    sd1.unet.enable_gradient_checkpointing()
+    net.enable_gradient_checkpointing()
+    checkpointed = _lora_grads(sd1, net)
+    assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_low_precision_base_keeps_its_dtype(sd1):
+    sd1.unet.to(torch.bfloat16)
+    net = lora.create_network(1.0, 4, 1, sd1.vae, _te(sd1), sd1.unet)  # fp32 adapters
+    net.apply_to(_te(sd1), sd1.unet, apply_text_encoder=False)
+    _randomize_up(net)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(1, 4, 8, 8, generator=g).bfloat16(), torch.randn(1, 77, 32, generator=g).bfloat16()
+    with torch.no_grad():
+        out = sd1.unet(x, torch.tensor([500]), ctx).sample
+        net.set_multiplier(0.0)
+        base = sd1.unet(x, torch.tensor([500]), ctx).sample
+    assert out.dtype == torch.bfloat16 and (out.float() - base.float()).abs().max() > 1e-3
+
+
+def test_sdxl_second_text_encoder_alone_keeps_te2_prefix(sdxl):
+    net = lora.create_network(1.0, 4, 1, sdxl.vae, [None, sdxl.text_encoders[1]], sdxl.unet)
+    assert net.text_encoder_loras and all(m.lora_name.startswith("lora_te2_text_model_") for m in net.text_encoder_loras)
