@@ -184,3 +184,18 @@ def test_caption_dropout_every_n_epochs_uses_epoch(photo_dir):
     group = _group(photo_dir, subset_kw={"caption_dropout_every_n_epochs": 2})
     assert group[SampleKey(0, epoch=1)]["caption"] != ""
     assert group[SampleKey(0, epoch=2)]["caption"] == ""
+
+
+def test_cache_info_stores_and_reuses_image_sizes(tmp_path):
+    import json
+
+    d = dreambooth_folder(tmp_path / "x", {"a": (64, 32), "b": (32, 64)})
+    build_dataset_group(blueprint([db_subset(d, cache_info=True)]))
+    cache = json.loads((d / "metadata_cache.json").read_text(encoding="utf-8"))
+    assert {k.rsplit("/", 1)[1]: v["resolution"] for k, v in cache.items()} == {"a.png": [64, 32], "b.png": [32, 64]}
+    # the cached sizes are what bucketing uses (kohya: keeping it current is the user's job)
+    for v in cache.values():
+        v["resolution"] = [64, 64]
+    (d / "metadata_cache.json").write_text(json.dumps(cache), encoding="utf-8")
+    group = build_dataset_group(blueprint([db_subset(d, cache_info=True)]))
+    assert {s.original_size for s in group.samples()} == {(64, 64)}

@@ -63,11 +63,35 @@ class Sample:
     latents_path: Path | None = None  # disk cache
 
 
-def _read_sizes(entries: list[ImageEntry], skip_bad_images: bool) -> list[tuple[ImageEntry, Reso]]:
+INFO_CACHE_FILE = "metadata_cache.json"  # kohya's cache_info file name and layout
+
+
+def _load_info_cache(folder: Path) -> dict[str, Reso]:
+    """Image sizes from a kohya ``metadata_cache.json`` (``{path: {"caption", "resolution": [w, h]}}``)."""
+    import json
+
+    try:
+        data = json.loads((folder / INFO_CACHE_FILE).read_text(encoding="utf-8"))
+        return {k: (int(v["resolution"][0]), int(v["resolution"][1])) for k, v in data.items()}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return {}  # absent or unusable: sizes are read from the images (and the file rewritten)
+
+
+def _save_info_cache(folder: Path, entries: list[ImageEntry], sizes: dict[str, Reso]) -> None:
+    from library.utils.atomic import write_json
+
+    data = {str(e.path): {"caption": e.caption, "resolution": list(sizes[str(e.path)])}
+            for e in entries if str(e.path) in sizes}
+    write_json(folder / INFO_CACHE_FILE, data)
+
+
+def _read_sizes(entries: list[ImageEntry], skip_bad_images: bool, known: dict[str, Reso] | None = None
+                ) -> list[tuple[ImageEntry, Reso]]:
+    """``(entry, (w, h))`` for each readable image; ``known`` sizes (cache_info) are not re-read."""
     out = []
     for entry in entries:
         try:
-            size = entry.size or img_ops.image_size(entry.path)
+            size = entry.size or (known or {}).get(str(entry.path)) or img_ops.image_size(entry.path)
             if skip_bad_images:
                 img_ops.load_image(entry.path)  # a full decode finds truncated files now, not mid-training
         except DatasetError as e:
@@ -133,7 +157,15 @@ class BucketDataset(torch.utils.data.Dataset):
             if self.num_train_images < self.num_reg_images:
                 logger.warning("there are more reg images than train images; some reg images are not used")
         entries = train + used_reg
-        sized = _read_sizes(entries, skip_bad_images)
+        info_dirs = {Path(sc.subset.image_dir): sc for sc in scans if sc.subset.cache_info and sc.subset.image_dir}
+        known: dict[str, Reso] = {}
+        for folder in info_dirs:
+            known.update(_load_info_cache(folder))
+        sized = _read_sizes(entries, skip_bad_images, known)
+        sizes = {str(e.path): s for e, s in sized}
+        for folder, sc in info_dirs.items():
+            if any(str(e.path) not in known for e in sc.entries):  # first run, or new images
+                _save_info_cache(folder, sc.entries, sizes)
         if not sized:
             raise DatasetError("the dataset has no usable images")
         self.bucket_manager, self.enable_bucket = _bucket_manager(self.params, [e.size for e, _ in sized])
