@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 LoRAInfModule = LoRAModule  # kohya's inference class; sdtk's module has no training-only state to drop
 
 
+def _layout(unet: Any) -> Any:
+    from library.models.unet_layout import UNetLayout
+
+    return UNetLayout(unet.config)
+
+
 def _is_target(module: torch.nn.Module, names: Iterable[str]) -> bool:
     # Match the class or a base class by name, so subclasses (e.g. attention variants) still count.
     wanted = set(names)
@@ -160,10 +166,10 @@ class LoRANetwork(torch.nn.Module):
             self.family = Family.SDXL if is_sdxl else keys.family_of_models(unet)
         self.is_sdxl = self.family is Family.SDXL
         layout = None
+        self._name_aliases: dict[str, str] = {}
         if self.is_sdxl and unet is not None:
-            from library.models.unet_layout import UNetLayout
-
-            layout = UNetLayout(unet.config)
+            layout = _layout(unet)
+            self._name_aliases = keys.sdxl_diffusers_name_aliases(unet, layout)
 
         plan = _RankPlan(
             lora_dim, alpha, conv_lora_dim, conv_alpha, block_dims, block_alphas, conv_block_dims, conv_block_alphas,
@@ -243,6 +249,8 @@ class LoRANetwork(torch.nn.Module):
         Args:
             weights_sd: the file's state dict, or ``None`` to merge the network's current weights.
         """
+        if weights_sd is not None:
+            weights_sd = keys.rename_modules(weights_sd, self._name_aliases)
         for lora in self.all_loras:
             if weights_sd is None:
                 lora.merge_to(None, dtype, device)
@@ -340,6 +348,7 @@ class LoRANetwork(torch.nn.Module):
                 network's (use ``--dim_from_weights``).
         """
         weights_sd, metadata = load_state_dict_file(file)
+        weights_sd = keys.rename_modules(weights_sd, self._name_aliases)
         check_compatible(weights_sd, metadata, self, file)
         info = self.load_state_dict(weights_sd, strict=False)
         matched = len(weights_sd) - len(info.unexpected_keys)
@@ -458,6 +467,8 @@ def create_network_from_weights(
     text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     base = keys.family_of_models(unet, text_encoders)
     check_compatible(weights_sd, metadata, None, file, base_family=base)
+    if base is Family.SDXL and unet is not None:
+        weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, _layout(unet)))
     modules_dim, modules_alpha = keys.dims_and_alphas(weights_sd)
     network = LoRANetwork(
         text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha, is_sdxl=base is Family.SDXL

@@ -17,6 +17,7 @@ A kohya LoRA file stores, per adapted module ``<name>``: ``<name>.lora_down.weig
 
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import torch
@@ -34,6 +35,10 @@ SUFFIX_ALPHA = "alpha"
 
 _SGM_UNET_PREFIXES = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 _DIFFUSERS_UNET_PREFIXES = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+# SD1/SD2 transformer blocks have depth 1; SDXL's have depth 2 or 10. A diffusers-style UNet key with
+# a second transformer block therefore comes from an SDXL LoRA saved with diffusers names (e.g. by
+# diffusers' own training scripts converted to kohya style), which ComfyUI and A1111 also accept.
+_RE_DEEP_TRANSFORMER = re.compile(r"^lora_unet_(down_blocks|mid_block|up_blocks)_.*_transformer_blocks_[1-9]")
 
 
 def te_prefix(index: int | None) -> str:
@@ -103,6 +108,8 @@ def family_of_weights(weights_sd: Mapping[str, torch.Tensor], metadata: Mapping[
     keys = list(weights_sd.keys())
     if any(k.startswith((PREFIX_TE1 + "_", PREFIX_TE2 + "_")) or k.startswith(_SGM_UNET_PREFIXES) for k in keys):
         return Family.SDXL
+    if any(_RE_DEEP_TRANSFORMER.match(k) for k in keys) or family_from_metadata(metadata) is Family.SDXL:
+        return Family.SDXL
     if not any(k.startswith((PREFIX_TE + "_", PREFIX_UNET + "_")) for k in keys):
         return None
     named = family_from_metadata(metadata)
@@ -138,3 +145,27 @@ def dims_and_alphas(weights_sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, i
     for name, dim in dims.items():
         alphas.setdefault(name, float(dim))
     return dims, {n: a for n, a in alphas.items() if n in dims}
+
+
+def sdxl_diffusers_name_aliases(unet: torch.nn.Module, layout: Any) -> dict[str, str]:
+    """For an SDXL UNet: ``lora_unet_<diffusers path>`` -> ``lora_unet_<sgm path>`` of every Linear/Conv2d.
+
+    Used to read SDXL LoRAs whose UNet keys use diffusers names; sdtk always writes sgm names.
+    """
+    aliases = {}
+    for path, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            try:
+                aliases[unet_lora_name(path)] = unet_lora_name(path, layout)
+            except KeyError:  # a module the original layout does not name
+                continue
+    return aliases
+
+
+def rename_modules(weights_sd: Mapping[str, torch.Tensor], aliases: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """``weights_sd`` with module prefixes renamed through ``aliases`` (others unchanged)."""
+    out = {}
+    for key, value in weights_sd.items():
+        name, dot, suffix = key.partition(".")
+        out[f"{aliases.get(name, name)}{dot}{suffix}"] = value
+    return out

@@ -203,3 +203,29 @@ def test_sdxl_file_with_kohya_keys_loads(tmp_path):
     info = net.load_weights(str(path))
     assert not info.missing_keys and not info.unexpected_keys
     assert (_unet_out(m) - base_unet).abs().max() > 1e-3 and (_te_out(m, 1) - base_te2).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("with_text_encoders", [True, False])
+def test_sdxl_file_with_diffusers_unet_names_loads(tmp_path, with_text_encoders):
+    """SDXL LoRAs whose UNet keys use diffusers names (as diffusers' scripts write them) are read too."""
+    from library.models.unet_layout import UNetLayout
+    from networks.lora_keys import sdxl_diffusers_name_aliases
+
+    src, dst = build_tiny_model(Family.SDXL), build_tiny_model(Family.SDXL)
+    net = _network(src)
+    net.apply_to(_te(src), src.unet, apply_text_encoder=with_text_encoders)
+    to_diffusers = {v: k for k, v in sdxl_diffusers_name_aliases(src.unet, UNetLayout(src.unet.config)).items()}
+    sd = {}
+    for k, v in net.state_dict().items():
+        name, _, suffix = k.partition(".")
+        sd[f"{to_diffusers.get(name, name)}.{suffix}"] = v
+    assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn1_to_q.lora_up.weight" in sd
+    path = tmp_path / "diffusers_names.safetensors"
+    save_file(sd, str(path))
+
+    loaded, weights = lora.create_network_from_weights(1.0, str(path), dst.vae, _te(dst), dst.unet)
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight" in weights
+    loaded.apply_to(_te(dst), dst.unet)
+    info = loaded.load_weights(str(path))
+    assert not info.missing_keys and not info.unexpected_keys
+    torch.testing.assert_close(_unet_out(dst), _unet_out(src), rtol=1e-5, atol=1e-6)
