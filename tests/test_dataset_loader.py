@@ -199,3 +199,35 @@ def test_cache_info_stores_and_reuses_image_sizes(tmp_path):
     (d / "metadata_cache.json").write_text(json.dumps(cache), encoding="utf-8")
     group = build_dataset_group(blueprint([db_subset(d, cache_info=True)]))
     assert {s.original_size for s in group.samples()} == {(64, 64)}
+
+
+def test_dataset_toml_end_to_end(tmp_path, photo_dir):
+    from library.config.dataset_config import build_blueprint_for_args
+
+    cfg = tmp_path / "ds.toml"
+    cfg.write_text(f"""
+[general]
+enable_bucket = true
+caption_extension = ".txt"
+shuffle_caption = true
+keep_tokens = 1
+
+[[datasets]]
+resolution = 64
+batch_size = 2
+min_bucket_reso = 32
+max_bucket_reso = 128
+bucket_reso_steps = 32
+
+  [[datasets.subsets]]
+  image_dir = '{photo_dir}'
+  num_repeats = 2
+  flip_aug = true
+""", encoding="utf-8")
+    group = build_dataset_group(build_blueprint_for_args({"dataset_config": str(cfg)}), seed=5)
+    loader = build_dataloader(group, max_data_loader_n_workers=0)
+    captions = [c for batch in loader for c in batch["captions"]]
+    assert len(captions) == 2 * len(PHOTOS)
+    assert all(c.startswith("sks, ") for c in captions)  # keep_tokens keeps the trigger first while shuffling
+    assert len(set(captions)) > len(PHOTOS)  # the two repeats of an image are shuffled differently
+    assert loader.state_dict() == loader.sampler.state_dict() and loader.state_dict()["epoch"] == 2

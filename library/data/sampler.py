@@ -21,7 +21,12 @@ logger = logging.getLogger(__name__)
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Yields the batches of one epoch as lists of :class:`SampleKey`.
+    """Yields the batches of one epoch as lists of :class:`SampleKey`, from ``position`` on.
+
+    ``position`` counts the batches of the current epoch the training loop has consumed; the
+    consumer advances it (:class:`ResumableLoader` does), because a DataLoader pulls batches from
+    the sampler ahead of their use. :meth:`state_dict` / :meth:`load_state_dict` save and restore
+    (epoch, position) for an exact resume.
 
     Args:
         group: the datasets.
@@ -31,15 +36,16 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __init__(self, group: DatasetGroup, gradient_accumulation_steps: int = 1):
         self.group = group
+        self.seed = group.seed
         self.grad_accum = max(1, gradient_accumulation_steps)
         self.epoch = 1
-        self.start = 0  # first batch of the next iteration (non-zero after a resume)
+        self.position = 0
         self._num_batches = group.num_batches()
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the (1-based) epoch the next iteration plays; a new epoch starts at batch 0."""
+        """Select the (1-based) epoch to play; a different epoch starts at its first batch."""
         if epoch != self.epoch:
-            self.start = 0
+            self.position = 0
         self.epoch = epoch
 
     def __len__(self) -> int:
@@ -47,38 +53,53 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         plan = self.group.epoch_batches(self.epoch)
-        first_slot = 0
-        slots = []
-        for batch in plan:
-            slots.append(first_slot)
-            first_slot += len(batch)
-        start, self.start = self.start, 0
-        for pos in range(start, len(plan)):
+        slots = [0]
+        for batch in plan[:-1]:
+            slots.append(slots[-1] + len(batch))
+        for pos in range(self.position, len(plan)):
             step = ((self.epoch - 1) * len(plan) + pos) // self.grad_accum
             yield [SampleKey(i, self.epoch, step, slots[pos] + j) for j, i in enumerate(plan[pos])]
 
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_batches": len(self)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved (epoch, position).
+
+        Raises:
+            DatasetError: the dataset, batch size or seed changed since the state was saved.
+        """
+        if state.get("num_batches") != len(self) or state.get("seed") != self.seed:
+            raise DatasetError(
+                f"cannot resume the data position: the saved state has {state.get('num_batches')} batches per epoch "
+                f"and seed {state.get('seed')}, this run {len(self)} and seed {self.seed}. "
+                "The dataset, batch size or seed changed; resume with the same ones"
+            )
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+
 
 class ResumableLoader:
-    """A DataLoader over a :class:`BucketBatchSampler` that knows where it is in the epoch.
+    """A DataLoader over a :class:`BucketBatchSampler` that advances the sampler's position as
+    the training loop consumes batches.
 
-    Iterate it once per epoch after :meth:`set_epoch`. :meth:`state_dict` /
-    :meth:`load_state_dict` save and restore (epoch, batches consumed); after a restore the
-    next iteration continues with exactly the batch that would have come next.
+    Iterate it once per epoch after :meth:`set_epoch`; when an epoch completes, the position moves
+    to the start of the next epoch. Save :meth:`state_dict` with the training state.
     """
 
-    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: BucketBatchSampler, seed: int):
+    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: BucketBatchSampler):
         self.dataloader = dataloader
         self.sampler = sampler
-        self.seed = seed
-        self.position = 0  # batches of the current epoch already consumed
 
     @property
     def epoch(self) -> int:
         return self.sampler.epoch
 
+    @property
+    def position(self) -> int:
+        return self.sampler.position
+
     def set_epoch(self, epoch: int) -> None:
-        if epoch != self.sampler.epoch:
-            self.position = 0
         self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
@@ -86,33 +107,17 @@ class ResumableLoader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        self.position = self.sampler.start
         for batch in self.dataloader:
-            self.position += 1
+            self.sampler.position += 1
             yield batch
         # the epoch is complete: a state saved now resumes at the next epoch's start
         self.sampler.set_epoch(self.sampler.epoch + 1)
-        self.position = 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.sampler.epoch, "position": self.position, "seed": self.seed,
-                "num_batches": len(self.sampler)}
+        return self.sampler.state_dict()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from a saved position.
-
-        Raises:
-            DatasetError: the dataset or seed changed since the state was saved.
-        """
-        if state.get("num_batches") != len(self.sampler) or state.get("seed") != self.seed:
-            raise DatasetError(
-                f"cannot resume the data position: the saved state has {state.get('num_batches')} batches per epoch "
-                f"and seed {state.get('seed')}, this run {len(self.sampler)} and seed {self.seed}. "
-                "The dataset, batch size or seed changed; resume with the same ones"
-            )
-        self.sampler.epoch = int(state["epoch"])
-        self.sampler.start = int(state["position"])
-        self.position = int(state["position"])
+        self.sampler.load_state_dict(state)
 
 
 def build_dataloader(
@@ -121,7 +126,6 @@ def build_dataloader(
     max_data_loader_n_workers: int = 8,
     persistent_data_loader_workers: bool = False,
     gradient_accumulation_steps: int = 1,
-    seed: int | None = None,
 ) -> ResumableLoader:
     """The training DataLoader with kohya's worker options.
 
@@ -138,4 +142,4 @@ def build_dataloader(
         persistent_workers=persistent_data_loader_workers and n_workers > 0,
     )
     logger.info("data loader: %d batches per epoch, %d workers", len(sampler), n_workers)
-    return ResumableLoader(loader, sampler, group.seed if seed is None else seed)
+    return ResumableLoader(loader, sampler)
