@@ -136,14 +136,23 @@ def test_alpha_mask_and_flip_in_batches(tmp_path):
 
 
 def test_controlnet_conditioning_images(tmp_path):
-    imgs = dreambooth_folder(tmp_path / "img", {"a": (96, 64), "b": (96, 64)}, {"a": "x", "b": "y"})
+    imgs = dreambooth_folder(tmp_path / "img", {"a": (150, 100), "b": (150, 100)}, {"a": "x", "b": "y"})
     cond = tmp_path / "cond"
-    write_image(cond / "a.png", (96, 64), seed=5)
-    write_image(cond / "b.png", (96, 64), seed=6)
-    sub = SubsetParams(kind="controlnet", image_dir=str(imgs), conditioning_data_dir=str(cond), caption_extension=".txt")
+    cond.mkdir()
+    for stem in ("a", "b"):  # conditioning image = the training image itself
+        (cond / f"{stem}.png").write_bytes((imgs / f"{stem}.png").read_bytes())
+    sub = SubsetParams(kind="controlnet", image_dir=str(imgs), conditioning_data_dir=str(cond), caption_extension=".txt",
+                       flip_aug=True)
     group = build_dataset_group(blueprint([sub]))
-    batch = next(iter(build_dataloader(group, max_data_loader_n_workers=0)))
-    assert batch["conditioning_images"].shape == batch["images"].shape
+    loader = build_dataloader(group, max_data_loader_n_workers=0)
+    flips = []
+    for epoch in (1, 2, 3):
+        loader.set_epoch(epoch)
+        for batch in loader:
+            # resized, cropped and flipped exactly like the training image
+            assert torch.equal(batch["conditioning_images"], batch["images"])
+            flips += batch["flipped"]
+    assert any(flips) and not all(flips)
 
 
 def test_two_datasets_never_share_a_batch(tmp_path, photo_dir):

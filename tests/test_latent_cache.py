@@ -171,3 +171,16 @@ def test_vae_fingerprint_is_dtype_independent(vae):
     half = copy.deepcopy(vae).half()
     assert lc.vae_fingerprint(vae) == lc.vae_fingerprint(half)
     assert lc.vae_fingerprint(vae) != lc.vae_fingerprint(tiny_vae(1))
+
+
+@pytest.mark.parametrize("to_disk", [False, True])
+def test_cached_samples_carry_the_same_sdxl_sizes_as_images(photos, vae, to_disk):
+    plain = _group(photos, flip_aug=True)
+    cached = _group(photos, flip_aug=True)
+    lc.cache_latents(cached, vae, to_disk=to_disk)
+    keys = ("original_size_hw", "crop_top_left", "target_size_hw", "flipped", "caption")
+    for epoch in (1, 2):
+        for i in range(len(plain)):
+            a, b = plain[SampleKey(i, epoch, 0, i)], cached[SampleKey(i, epoch, 0, i)]
+            assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+            assert b["image"] is None and b["latents"].shape[1:] == (a["image"].shape[1] // 8, a["image"].shape[2] // 8)

@@ -215,6 +215,7 @@ class BucketDataset(torch.utils.data.Dataset):
         subset, entry = sample.subset, sample.entry
         rng = self._rng(key)
         flip = bool(subset.flip_aug) and rng.random() < 0.5
+        interpolation = subset.resize_interpolation or self.params.resize_interpolation
         out: dict[str, Any] = {"image": None, "latents": None, "alpha_mask": None, "conditioning_image": None}
         if sample.latents is not None or sample.latents_path is not None:
             out.update(self._cached(sample, flip))
@@ -225,7 +226,7 @@ class BucketDataset(torch.utils.data.Dataset):
                 entry.path, bucket_reso=sample.bucket_reso, resized_size=sample.resized_size, rng=rng,
                 alpha_mask=subset.alpha_mask, random_crop=subset.random_crop, use_color_aug=subset.color_aug,
                 flip=flip, face_crop_aug_range=subset.face_crop_aug_range, enable_bucket=self.enable_bucket,
-                interpolation=subset.resize_interpolation or self.params.resize_interpolation)
+                interpolation=interpolation)
             out["image"] = img_ops.to_tensor(prep.image)
             out["alpha_mask"] = None if prep.alpha_mask is None else torch.from_numpy(prep.alpha_mask)
             original, ltrb = prep.original_size, prep.crop_ltrb
@@ -235,7 +236,7 @@ class BucketDataset(torch.utils.data.Dataset):
             left = target[0] - right
         if entry.cond_path is not None:
             cond = img_ops.load_image(entry.cond_path)
-            cond = img_ops.crop_to_conditioning(cond, sample.resized_size, sample.bucket_reso, flip)
+            cond = img_ops.crop_to_conditioning(cond, sample.resized_size, sample.bucket_reso, flip, interpolation)
             out["conditioning_image"] = img_ops.to_tensor(cond)
         caption = process_caption(entry.caption, subset, epoch=key.epoch, step=key.step,
                                   max_steps=self.max_train_steps, rng=rng)

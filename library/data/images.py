@@ -132,14 +132,14 @@ def load_image(path: str | Path, keep_alpha: bool = False) -> np.ndarray:
 def resize_image(image: np.ndarray, size: Reso, interpolation: str | None = None) -> np.ndarray:
     """Resize ``[H, W, C]`` uint8 to ``size`` = (width, height).
 
-    ``interpolation`` is a kohya ``resize_interpolation`` name; by default "area" when shrinking
-    both sides and "lanczos" otherwise, as kohya does.
+    ``interpolation`` is a kohya ``resize_interpolation`` name; by default "area" when no side
+    grows and "lanczos" otherwise, as kohya does.
     """
     h, w = image.shape[:2]
     if (w, h) == tuple(size):
         return image
     if interpolation is None:
-        interpolation = "area" if w > size[0] and h > size[1] else "lanczos"
+        interpolation = "area" if w >= size[0] and h >= size[1] else "lanczos"
     try:
         resample = _INTERPOLATIONS[interpolation]
     except KeyError:
@@ -295,9 +295,10 @@ def prepare_image(
     return PreparedImage(np.ascontiguousarray(img[:, :, :3]), mask, original, ltrb, flip)
 
 
-def crop_to_conditioning(image: np.ndarray, resized_size: Reso, bucket_reso: Reso, flip: bool) -> np.ndarray:
+def crop_to_conditioning(image: np.ndarray, resized_size: Reso, bucket_reso: Reso, flip: bool,
+                         interpolation: str | None = None) -> np.ndarray:
     """Resize and centre-crop a ControlNet conditioning image exactly like its training image."""
-    img = resize_image(image, resized_size, "area" if image.shape[1] > resized_size[0] else None)
+    img = resize_image(image, resized_size, interpolation)
     left, top = crop_offsets(bucket_reso, resized_size, False)
     img = img[top : top + bucket_reso[1], left : left + bucket_reso[0]]
     return np.ascontiguousarray(img[:, ::-1] if flip else img)
