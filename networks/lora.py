@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -23,83 +22,11 @@ from networks.interface import NetworkCapabilities
 from networks.lora_args import parse_network_args
 from networks.lora_blocks import block_dims_and_alphas, block_index, block_lr_weights
 from networks.lora_io import check_compatible, load_state_dict_file, save_network_weights
-from networks.lora_modules import LoRAModule
+from networks.lora_modules import LoRAModule, RankPlan, create_loras, unet_layout_of
 
 logger = logging.getLogger(__name__)
 
 LoRAInfModule = LoRAModule  # kohya's inference class; sdtk's module has no training-only state to drop
-
-
-def _layout(unet: Any) -> Any:
-    from library.models.unet_layout import UNetLayout
-
-    return UNetLayout(unet.config)
-
-
-def _is_target(module: torch.nn.Module, names: Iterable[str]) -> bool:
-    # Match the class or a base class by name, so subclasses (e.g. attention variants) still count.
-    wanted = set(names)
-    return any(cls.__name__ in wanted for cls in type(module).__mro__)
-
-
-@dataclass
-class _RankPlan:
-    """Where each adapter's rank and alpha come from (kohya's five creation patterns)."""
-
-    lora_dim: int
-    alpha: float | None
-    conv_dim: int | None
-    conv_alpha: float | None
-    block_dims: list[int] | None
-    block_alphas: list[float] | None
-    conv_block_dims: list[int] | None
-    conv_block_alphas: list[float] | None
-    modules_dim: Mapping[str, int] | None
-    modules_alpha: Mapping[str, float] | None
-    is_sdxl: bool
-
-    def rank_for(self, name: str, child: torch.nn.Module, is_unet: bool) -> tuple[int | None, float | None]:
-        """(rank, alpha) of the adapter ``name`` over ``child``; rank None or 0 means no adapter."""
-        # Linear layers and 1x1 convs use the main rank; kxk convs only get one with conv_dim.
-        small = isinstance(child, torch.nn.Linear) or child.kernel_size == (1, 1)
-        if self.modules_dim is not None:  # from a file: exactly the modules it has
-            if name not in self.modules_dim:
-                return None, None
-            return self.modules_dim[name], (self.modules_alpha or {}).get(name)
-        if is_unet and self.block_dims is not None:
-            idx = block_index(name, self.is_sdxl)
-            if small:
-                return self.block_dims[idx], self.block_alphas[idx] if self.block_alphas else None
-            if self.conv_block_dims is None:
-                return None, None
-            return self.conv_block_dims[idx], self.conv_block_alphas[idx] if self.conv_block_alphas else None
-        if small:
-            return self.lora_dim, self.alpha
-        return (self.conv_dim, self.conv_alpha) if self.conv_dim is not None else (None, None)
-
-
-def _create_loras(
-    root: torch.nn.Module,
-    targets: Iterable[str],
-    name_fn: Callable[[str], str],
-    plan: _RankPlan,
-    is_unet: bool,
-    make: Callable[[str, torch.nn.Module, int, float | None], LoRAModule],
-) -> list[LoRAModule]:
-    """Adapters for every Linear/Conv2d inside the ``targets`` modules of ``root`` (kohya's order)."""
-    loras, seen = [], set()
-    for name, module in root.named_modules():
-        if not _is_target(module, targets):
-            continue
-        for child_name, child in module.named_modules():
-            if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) or id(child) in seen:
-                continue
-            seen.add(id(child))
-            lora_name = name_fn(f"{name}.{child_name}" if name else child_name)
-            dim, alpha = plan.rank_for(lora_name, child, is_unet)
-            if dim:
-                loras.append(make(lora_name, child, dim, alpha))
-    return loras
 
 
 class LoRANetwork(torch.nn.Module):
@@ -168,10 +95,10 @@ class LoRANetwork(torch.nn.Module):
         layout = None
         self._name_aliases: dict[str, str] = {}
         if self.is_sdxl and unet is not None:
-            layout = _layout(unet)
+            layout = unet_layout_of(unet)
             self._name_aliases = keys.sdxl_diffusers_name_aliases(unet, layout)
 
-        plan = _RankPlan(
+        plan = RankPlan(
             lora_dim, alpha, conv_lora_dim, conv_alpha, block_dims, block_alphas, conv_block_dims, conv_block_alphas,
             modules_dim, modules_alpha, self.is_sdxl,
         )
@@ -184,13 +111,13 @@ class LoRANetwork(torch.nn.Module):
             if te is not None:
                 prefix = keys.te_prefix(i + 1 if len(text_encoders) > 1 else None)
                 name_fn = lambda path, prefix=prefix: keys.text_encoder_lora_name(prefix, path)  # noqa: E731
-                self.text_encoder_loras += _create_loras(te, self.TEXT_ENCODER_TARGET_REPLACE_MODULE, name_fn, plan, False, make)
+                self.text_encoder_loras += create_loras(te, self.TEXT_ENCODER_TARGET_REPLACE_MODULE, name_fn, plan, False, make)
         unet_targets = self.UNET_TARGET_REPLACE_MODULE
         if modules_dim is not None or conv_lora_dim is not None or conv_block_dims is not None:
             unet_targets = unet_targets + self.UNET_TARGET_REPLACE_MODULE_CONV2D_3X3
         self.unet_loras: list[LoRAModule] = []
         if unet is not None:
-            self.unet_loras = _create_loras(unet, unet_targets, lambda path: keys.unet_lora_name(path, layout), plan, True, make)
+            self.unet_loras = create_loras(unet, unet_targets, lambda path: keys.unet_lora_name(path, layout), plan, True, make)
         logger.info("LoRA: %d text-encoder modules, %d UNet modules", len(self.text_encoder_loras), len(self.unet_loras))
 
         for lora in self.text_encoder_loras + self.unet_loras:
@@ -259,6 +186,29 @@ class LoRANetwork(torch.nn.Module):
             if sd:
                 lora.merge_to(sd, dtype, device)
         logger.info("LoRA weights merged into the base model")
+
+    # -- inference helpers (kohya's gen_img: merge for speed, restore afterwards) --------------
+    @torch.no_grad()
+    def backup_weights(self) -> None:
+        """Remember each adapted base module's weight so :meth:`restore_weights` can undo a merge."""
+        self._backup = {l.lora_name: l.org_module.weight.detach().clone() for l in self.all_loras}
+
+    @torch.no_grad()
+    def restore_weights(self) -> None:
+        """Put back the weights saved by :meth:`backup_weights` and re-enable the hooks."""
+        for lora in self.all_loras:
+            saved = getattr(self, "_backup", {}).get(lora.lora_name)
+            if saved is not None:
+                lora.org_module.weight.copy_(saved)
+            lora.enabled = True
+
+    @torch.no_grad()
+    def pre_calculation(self) -> None:
+        """Merge the current adapters into the base weights and disable the hooks (faster sampling)."""
+        for lora in self.all_loras:
+            weight = lora.org_module.weight
+            weight.copy_(weight.float() + lora.delta_weight().to(weight.device))
+            lora.enabled = False
 
     def set_loraplus_lr_ratio(self, loraplus_lr_ratio: float | None, unet_ratio: float | None, te_ratio: float | None) -> None:
         self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio, self.loraplus_text_encoder_lr_ratio = loraplus_lr_ratio, unet_ratio, te_ratio
@@ -468,7 +418,7 @@ def create_network_from_weights(
     base = keys.family_of_models(unet, text_encoders)
     check_compatible(weights_sd, metadata, None, file, base_family=base)
     if base is Family.SDXL and unet is not None:
-        weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, _layout(unet)))
+        weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, unet_layout_of(unet)))
     modules_dim, modules_alpha = keys.dims_and_alphas(weights_sd)
     network = LoRANetwork(
         text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha, is_sdxl=base is Family.SDXL

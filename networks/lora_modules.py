@@ -1,4 +1,4 @@
-"""One LoRA adapter for one ``Linear`` or ``Conv2d`` of the base model.
+"""LoRA adapters for ``Linear`` / ``Conv2d`` modules of the base model, and how they are placed.
 
 The adapter hooks the base module by replacing its ``forward`` (as kohya does) instead of replacing
 the module, so the base weights, their names and their state dict stay untouched and a diffusers or
@@ -15,10 +15,13 @@ zero, so a fresh adapter changes nothing.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from networks.lora_blocks import block_index
 
 
 class LoRAModule(torch.nn.Module):
@@ -180,3 +183,75 @@ class LoRAModule(torch.nn.Module):
         weight = self.org_module.weight
         merged = weight.to(device, torch.float32) + self.delta_weight(up, down).to(device)
         weight.data = merged.to(weight.device, dtype or weight.dtype)
+
+
+def unet_layout_of(unet: Any) -> Any:
+    from library.models.unet_layout import UNetLayout
+
+    return UNetLayout(unet.config)
+
+
+def _is_target(module: torch.nn.Module, names: Iterable[str]) -> bool:
+    # Match the class or a base class by name, so subclasses (e.g. attention variants) still count.
+    wanted = set(names)
+    return any(cls.__name__ in wanted for cls in type(module).__mro__)
+
+
+@dataclass
+class RankPlan:
+    """Where each adapter's rank and alpha come from (kohya's five creation patterns)."""
+
+    lora_dim: int
+    alpha: float | None
+    conv_dim: int | None
+    conv_alpha: float | None
+    block_dims: list[int] | None
+    block_alphas: list[float] | None
+    conv_block_dims: list[int] | None
+    conv_block_alphas: list[float] | None
+    modules_dim: Mapping[str, int] | None
+    modules_alpha: Mapping[str, float] | None
+    is_sdxl: bool
+
+    def rank_for(self, name: str, child: torch.nn.Module, is_unet: bool) -> tuple[int | None, float | None]:
+        """(rank, alpha) of the adapter ``name`` over ``child``; rank None or 0 means no adapter."""
+        # Linear layers and 1x1 convs use the main rank; kxk convs only get one with conv_dim.
+        small = isinstance(child, torch.nn.Linear) or child.kernel_size == (1, 1)
+        if self.modules_dim is not None:  # from a file: exactly the modules it has
+            if name not in self.modules_dim:
+                return None, None
+            return self.modules_dim[name], (self.modules_alpha or {}).get(name)
+        if is_unet and self.block_dims is not None:
+            idx = block_index(name, self.is_sdxl)
+            if small:
+                return self.block_dims[idx], self.block_alphas[idx] if self.block_alphas else None
+            if self.conv_block_dims is None:
+                return None, None
+            return self.conv_block_dims[idx], self.conv_block_alphas[idx] if self.conv_block_alphas else None
+        if small:
+            return self.lora_dim, self.alpha
+        return (self.conv_dim, self.conv_alpha) if self.conv_dim is not None else (None, None)
+
+
+def create_loras(
+    root: torch.nn.Module,
+    targets: Iterable[str],
+    name_fn: Callable[[str], str],
+    plan: RankPlan,
+    is_unet: bool,
+    make: Callable[[str, torch.nn.Module, int, float | None], LoRAModule],
+) -> list[LoRAModule]:
+    """Adapters for every Linear/Conv2d inside the ``targets`` modules of ``root`` (kohya's order)."""
+    loras, seen = [], set()
+    for name, module in root.named_modules():
+        if not _is_target(module, targets):
+            continue
+        for child_name, child in module.named_modules():
+            if not isinstance(child, (torch.nn.Linear, torch.nn.Conv2d)) or id(child) in seen:
+                continue
+            seen.add(id(child))
+            lora_name = name_fn(f"{name}.{child_name}" if name else child_name)
+            dim, alpha = plan.rank_for(lora_name, child, is_unet)
+            if dim:
+                loras.append(make(lora_name, child, dim, alpha))
+    return loras

@@ -380,3 +380,18 @@ def test_low_precision_base_keeps_its_dtype(sd1):
 def test_sdxl_second_text_encoder_alone_keeps_te2_prefix(sdxl):
     net = lora.create_network(1.0, 4, 1, sdxl.vae, [None, sdxl.text_encoders[1]], sdxl.unet)
     assert net.text_encoder_loras and all(m.lora_name.startswith("lora_te2_text_model_") for m in net.text_encoder_loras)
+
+
+def test_pre_calculation_and_restore(sd1):
+    base = _unet_out(sd1)
+    net = lora.create_network(0.8, 4, 1, sd1.vae, _te(sd1), sd1.unet)
+    net.apply_to(_te(sd1), sd1.unet)
+    _randomize_up(net)
+    hooked = _unet_out(sd1)
+    net.backup_weights()
+    net.pre_calculation()
+    torch.testing.assert_close(_unet_out(sd1), hooked, rtol=1e-4, atol=1e-5)  # merged, hooks off
+    net.restore_weights()
+    assert torch.equal(_unet_out(sd1), hooked)  # original weights back, hooks on
+    net.set_enabled(False)
+    assert torch.equal(_unet_out(sd1), base)
