@@ -177,7 +177,7 @@ class LoRANetwork(torch.nn.Module):
             weights_sd: the file's state dict, or ``None`` to merge the network's current weights.
         """
         if weights_sd is not None:
-            weights_sd = keys.rename_modules(weights_sd, self._name_aliases)
+            weights_sd = keys.rename_modules(keys.add_text_model_prefix(weights_sd), self._name_aliases)
         for lora in self.all_loras:
             if weights_sd is None:
                 lora.merge_to(None, dtype, device)
@@ -298,7 +298,7 @@ class LoRANetwork(torch.nn.Module):
                 network's (use ``--dim_from_weights``).
         """
         weights_sd, metadata = load_state_dict_file(file)
-        weights_sd = keys.rename_modules(weights_sd, self._name_aliases)
+        weights_sd = keys.rename_modules(keys.add_text_model_prefix(weights_sd), self._name_aliases)
         check_compatible(weights_sd, metadata, self, file)
         info = self.load_state_dict(weights_sd, strict=False)
         matched = len(weights_sd) - len(info.unexpected_keys)
@@ -413,7 +413,7 @@ def create_network_from_weights(
     metadata: dict[str, str] = {}
     if weights_sd is None:
         weights_sd, metadata = load_state_dict_file(file)
-    weights_sd = dict(weights_sd)
+    weights_sd = keys.add_text_model_prefix(weights_sd)
     text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     base = keys.family_of_models(unet, text_encoders)
     check_compatible(weights_sd, metadata, None, file, base_family=base)

@@ -169,3 +169,16 @@ def rename_modules(weights_sd: Mapping[str, torch.Tensor], aliases: Mapping[str,
         name, dot, suffix = key.partition(".")
         out[f"{aliases.get(name, name)}{dot}{suffix}"] = value
     return out
+
+
+_RE_TE_WITHOUT_TEXT_MODEL = re.compile(r"^(lora_te[12]?)_(encoder|embeddings|final_layer_norm)_")
+
+
+def add_text_model_prefix(weights_sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Insert the missing ``text_model_`` into text-encoder keys (``lora_te_encoder_...``).
+
+    Tools that name modules from transformers 5's ``CLIPTextModel`` (which lost its ``text_model``
+    submodule), e.g. LyCORIS run on transformers 5, write such keys; A1111 and kohya expect
+    ``lora_te_text_model_encoder_...``. Use on foreign files before loading, or to repair them.
+    """
+    return {_RE_TE_WITHOUT_TEXT_MODEL.sub(r"\1_text_model_\2_", k): v for k, v in weights_sd.items()}

@@ -229,3 +229,19 @@ def test_sdxl_file_with_diffusers_unet_names_loads(tmp_path, with_text_encoders)
     info = loaded.load_weights(str(path))
     assert not info.missing_keys and not info.unexpected_keys
     torch.testing.assert_close(_unet_out(dst), _unet_out(src), rtol=1e-5, atol=1e-6)
+
+
+def test_text_encoder_keys_without_text_model_are_repaired(tmp_path):
+    """Files named from transformers 5's CLIPTextModel (no ``text_model``), e.g. by LyCORIS, still load."""
+    src, dst = build_tiny_model(Family.SD1), build_tiny_model(Family.SD1)
+    net = _network(src)
+    net.apply_to(_te(src), src.unet)
+    sd = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in net.state_dict().items()}
+    assert "lora_te_encoder_layers_0_mlp_fc1.alpha" in sd
+    path = tmp_path / "no_text_model.safetensors"
+    save_file(sd, str(path))
+    loaded = lora.create_network(1.0, 4, 1, dst.vae, _te(dst), dst.unet)
+    loaded.apply_to(_te(dst), dst.unet)
+    info = loaded.load_weights(str(path))
+    assert not info.missing_keys and not info.unexpected_keys
+    torch.testing.assert_close(_te_out(dst), _te_out(src), rtol=1e-5, atol=1e-6)
