@@ -240,3 +240,11 @@ bucket_reso_steps = 32
     assert all(c.startswith("sks, ") for c in captions)  # keep_tokens keeps the trigger first while shuffling
     assert len(set(captions)) > len(PHOTOS)  # the two repeats of an image are shuffled differently
     assert loader.state_dict() == loader.sampler.state_dict() and loader.state_dict()["epoch"] == 2
+
+
+def test_kohya_metadata(photo_dir):
+    meta = _group(photo_dir).datasets[0].kohya_metadata()
+    assert sum(b["count"] for b in meta["bucket_info"]["buckets"].values()) == 3 * len(PHOTOS)
+    assert meta["bucket_info"]["mean_img_ar_error"] >= 0
+    assert meta["tag_frequency"]["3_sks"]["sks"] == len(PHOTOS)
+    assert meta["dataset_dirs"] == {"3_sks": {"n_repeats": 3, "img_count": len(PHOTOS)}}

@@ -167,8 +167,19 @@ def test_face_crop_keeps_face_in_view(tmp_path):
     photo = copy_photo("astronaut", tmp_path, stem="astro_256_160_120_120")  # face box in the name
     assert im.face_box_from_name(photo) == (256, 160, 120, 120)
     prep = im.prepare_image(photo, bucket_reso=(128, 128), resized_size=(128, 128), rng=random.Random(1),
-                            face_crop_aug_range=(0.3, 0.5), enable_bucket=False)
+                            face_crop_aug_range=(2.0, 3.0), enable_bucket=False)
     assert prep.image.shape == (128, 128, 3)
+    # a pure-red "face" far from the centre must end up inside the crop, at each scale drawn
+    canvas = np.full((400, 600, 3), 40, np.uint8)
+    canvas[40:100, 480:540] = (255, 0, 0)  # face centre (510, 70), 60 px
+    Image.fromarray(canvas).save(tmp_path / "scene_510_70_60_60.png")
+    for seed in range(5):
+        out = im.prepare_image(tmp_path / "scene_510_70_60_60.png", bucket_reso=(128, 128), resized_size=(128, 128),
+                               rng=random.Random(seed), face_crop_aug_range=(2.0, 4.0), enable_bucket=False).image
+        red = (out[:, :, 0] > 200) & (out[:, :, 1] < 60)
+        assert out.shape == (128, 128, 3) and red.sum() > 0
+        # kohya's range is short side / face size: the 60 px face becomes 128/4..128/2 px (never enlarged)
+        assert 128 / 4 - 2 <= red.any(axis=0).sum() <= 60 + 1
 
 
 def test_to_tensor_range():

@@ -181,6 +181,33 @@ class BucketDataset(torch.utils.data.Dataset):
             counts[s.bucket_reso] += s.entry.num_repeats if with_repeats else 1
         return dict(counts)
 
+    def kohya_metadata(self) -> dict[str, Any]:
+        """What kohya records about a dataset in a trained network's metadata.
+
+        Returns:
+            ``bucket_info`` (``{"buckets": {i: {"resolution": [w, h], "count": n}}, "mean_img_ar_error": x}``
+            or None without bucketing), ``tag_frequency`` (``{folder or JSON name: {tag: count}}``) and
+            ``dataset_dirs`` (``{folder name: {"n_repeats": r, "img_count": n}}``).
+        """
+        bucket_info = None
+        if self.enable_bucket:
+            counts = self.bucket_counts()
+            errors = [abs(s.bucket_reso[0] / s.bucket_reso[1] - s.original_size[0] / s.original_size[1])
+                      for s in self.samples]
+            bucket_info = {"buckets": {i: {"resolution": list(r), "count": counts[r]} for i, r in enumerate(sorted(counts))},
+                           "mean_img_ar_error": float(np.mean(errors))}
+        tags: dict[str, dict[str, int]] = {}
+        dirs: dict[str, dict[str, int]] = {}
+        for s in self.samples:
+            name = Path(s.subset.metadata_file or s.subset.image_dir or "").name
+            freq = tags.setdefault(name, {})
+            for tag in s.entry.caption.split(","):  # kohya counts comma-separated tags, lower-cased
+                if tag.strip():
+                    freq[tag.strip().lower()] = freq.get(tag.strip().lower(), 0) + 1
+            d = dirs.setdefault(name, {"n_repeats": s.subset.num_repeats, "img_count": 0})
+            d["img_count"] += 1
+        return {"bucket_info": bucket_info, "tag_frequency": tags, "dataset_dirs": dirs}
+
     @property
     def batch_size(self) -> int:
         return self.params.batch_size

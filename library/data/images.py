@@ -186,8 +186,9 @@ def face_crop(
     image: np.ndarray, face: tuple[int, int, int, int], target: Reso, face_range: tuple[float, float],
     random_crop: bool, rng: random.Random,
 ) -> np.ndarray:
-    """kohya's ``face_crop_aug_range``: scale so the face spans a random share of the target's
-    short side within ``face_range``, then cut ``target`` around the face (fixed resolution only)."""
+    """kohya's ``face_crop_aug_range`` (fixed resolution only): ``face_range`` = (lo, hi) bounds the
+    ratio *target short side / face size*; the image is scaled (down only, as kohya) so the face
+    gets a random size in ``[short / hi, short / lo]``, then ``target`` is cut around the face."""
     height, width = image.shape[:2]
     tw, th = target
     if (width, height) == (tw, th):
@@ -196,8 +197,9 @@ def face_crop(
     face_size = max(fw, fh, 1)
     short = min(tw, th)
     cover = max(th / height, tw / width)  # the smallest scale that still covers the target
-    min_scale = min(1.0, max(cover, short / (face_size * face_range[1])))
-    max_scale = min(1.0, max(min_scale, short / (face_size * face_range[0])))
+    # kohya never enlarges here (it asserts instead); an image smaller than the target is enlarged to cover it
+    min_scale = max(cover, min(1.0, short / (face_size * face_range[1])))
+    max_scale = max(min_scale, min(1.0, short / (face_size * face_range[0])))
     scale = min_scale if min_scale >= max_scale else rng.uniform(min_scale, max_scale)
     nw, nh = max(tw, int(width * scale + 0.5)), max(th, int(height * scale + 0.5))
     image = resize_image(image, (nw, nh), "area")
