@@ -10,7 +10,6 @@ import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from library.config.dataset_params import Blueprint, DatasetParams
