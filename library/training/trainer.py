@@ -83,6 +83,26 @@ class NetworkTrainer:
         return load_models(a.pretrained_model_name_or_path, v2=bool(a.v2), v_parameterization=bool(a.v_parameterization),
                            vae=a.vae, tokenizer_cache_dir=a.tokenizer_cache_dir, expected=self.expected_families())
 
+    def preflight(self) -> None:
+        """Hook: checks that need neither the model nor the data (run before anything is loaded)."""
+
+    def prepare_base_model(self, model: Any, accelerator: Any) -> None:
+        """Right after loading: ``--fp8_base`` stores the frozen UNet's Linear/Conv weights in float8
+        (before the network wraps them); ``--lowram`` moves the UNet and text encoders to the device
+        at once, so their CPU copies are freed before the data is prepared."""
+        a = self.args
+        if a.fp8_base:
+            from library.training.fp8 import apply_fp8
+
+            apply_fp8(model.unet)
+        if a.lowram and accelerator.device.type != "cpu":
+            model.unet.to(accelerator.device)
+            for te in model.text_encoders:
+                te.to(accelerator.device)
+
+    def cache_text_encoder_outputs(self, group: Any, model: Any, accelerator: Any) -> None:
+        """Hook: encode every caption once before training (SDXL's ``--cache_text_encoder_outputs``)."""
+
     # ------------------------------------------------------------------ hooks: data
     def build_dataset_group(self, seed: int, world: int) -> Any:
         """The datasets, with global batches of ``train_batch_size x world``."""
@@ -112,12 +132,16 @@ class NetworkTrainer:
 
     # ------------------------------------------------------------------ hooks: network
     def import_network_module(self) -> Any:
+        from library.training.plugin_compat import apply_fixes
+
         name = self.args.network_module or "networks.lora"
         try:
-            return importlib.import_module(name)
+            module = importlib.import_module(name)
         except ImportError as e:
             raise ConfigError(f"--network_module {name!r} cannot be imported ({e}); give a module path such as "
                               "networks.lora or lycoris.kohya (pip install lycoris-lora)") from e
+        apply_fixes(name, module)
+        return module
 
     def network_kwargs(self) -> dict[str, Any]:
         """``--network_args key=value`` as a dict of strings (kohya passes strings to the module)."""
