@@ -86,6 +86,7 @@ def register_family(family: Family) -> Callable:
 def get_family_adapter(family: Family) -> FamilyAdapter:
     """The adapter instance for ``family``."""
     import library.training.family_sd  # noqa: F401  (registers SD1/SD2)
+    import library.training.family_sdxl  # noqa: F401  (registers SDXL)
 
     try:
         return _REGISTRY[family]()

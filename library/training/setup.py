@@ -113,6 +113,7 @@ def setup_session(t: NetworkTrainer) -> Session:
 
     a = t.args
     check_args(a)
+    t.preflight()
     t.check_output_dir()
     acc = make_accelerator(a)
     seed = t.resolve_seed(acc)
@@ -120,6 +121,7 @@ def setup_session(t: NetworkTrainer) -> Session:
     weight_dtype = t.weight_dtype()
 
     model = t.load_model()
+    t.prepare_base_model(model, acc)
     family = t.family_adapter(model.family)
     v_prediction = bool(a.v_parameterization or getattr(model, "v_parameterization", False))
     group = t.build_dataset_group(seed, acc.num_processes)
@@ -129,14 +131,16 @@ def setup_session(t: NetworkTrainer) -> Session:
     model.vae.requires_grad_(False).eval().to(acc.device, dtype=vae_dtype)
     if a.cache_latents:
         t.cache_latents(group, model.vae, acc)
-        model.vae.to("cpu")  # only sampling needs it now
-        if acc.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if not a.highvram:  # kohya's --highvram keeps it on the device
+            model.vae.to("cpu")  # only sampling needs it now
+            if acc.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     train_unet = not a.network_train_text_encoder_only
     train_te = not a.network_train_unet_only
     network, net_kwargs, groups = _build_network(t, model, train_unet, train_te)
     _prepare_models(t, model, acc, weight_dtype, train_te)
+    t.cache_text_encoder_outputs(group, model, acc)
     if a.full_fp16 or a.full_bf16:
         network.to(weight_dtype)
     network.to(acc.device)
