@@ -248,3 +248,17 @@ def test_kohya_metadata(photo_dir):
     assert meta["bucket_info"]["mean_img_ar_error"] >= 0
     assert meta["tag_frequency"]["3_sks"]["sks"] == len(PHOTOS)
     assert meta["dataset_dirs"] == {"3_sks": {"n_repeats": 3, "img_count": len(PHOTOS)}}
+
+
+def test_validation_split(tmp_path):
+    train_dir = dreambooth_folder(tmp_path / "t", {f"i{k}": (64, 64) for k in range(10)})
+    reg_dir = dreambooth_folder(tmp_path / "r", {f"r{k}": (64, 64) for k in range(2)})
+    subs = [db_subset(train_dir), db_subset(reg_dir, is_reg=True)]
+    bp = blueprint(subs, validation_split=0.3, validation_seed=4)
+    train = {s.entry.path.name for s in build_dataset_group(bp).samples()}
+    val = {s.entry.path.name for s in build_dataset_group(bp, split="validation").samples()}
+    assert len(val) == 3 and not val & train and len(train - {"r0.png", "r1.png"}) == 7
+    assert not any(v.startswith("r") for v in val)  # reg images stay in training
+    assert val == {s.entry.path.name for s in build_dataset_group(bp, seed=9, split="validation").samples()}
+    with pytest.raises(DatasetError, match="no datasets"):
+        build_dataset_group(blueprint(subs), split="validation")

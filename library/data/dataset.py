@@ -14,6 +14,7 @@ each bucket is shuffled and cut into batches of ``batch_size``, and the batches 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -120,6 +121,24 @@ def _bucket_manager(params: DatasetParams, declared: list[Reso | None]) -> tuple
     return manager, True
 
 
+def _split_entries(entries: list[ImageEntry], params: DatasetParams, split: str, seed: int) -> list[ImageEntry]:
+    """kohya's ``validation_split``: each subset's images are shuffled with ``validation_seed`` (the
+    training seed when unset) and the last ``validation_split`` share is held out for validation.
+    Regularization images are never held out."""
+    if split not in ("train", "validation"):
+        raise ValueError(f"split must be 'train' or 'validation', not {split!r}")
+    share = params.validation_split or 0.0
+    if share <= 0:
+        return entries if split == "train" else []
+    if entries and entries[0].is_reg:
+        return entries if split == "train" else []
+    order = list(entries)
+    random.Random(params.validation_seed if params.validation_seed is not None else seed).shuffle(order)
+    if split == "train":
+        return order[: math.ceil(len(order) * (1 - share))]
+    return order[len(order) - round(len(order) * share):]
+
+
 class BucketDataset(torch.utils.data.Dataset):
     """One dataset (a ``[[datasets]]`` entry): its samples, buckets and per-sample loading.
 
@@ -128,11 +147,14 @@ class BucketDataset(torch.utils.data.Dataset):
         scans: one scan per subset (errors must already have been raised).
         seed: the training seed (epoch plans and augmentation derive from it).
         skip_bad_images: drop unreadable images with a warning instead of failing.
+        split: "train", or "validation" for the images ``validation_split`` holds out.
     """
 
-    def __init__(self, params: DatasetParams, scans: list[SubsetScan], seed: int = 0, skip_bad_images: bool = False):
+    def __init__(self, params: DatasetParams, scans: list[SubsetScan], seed: int = 0, skip_bad_images: bool = False,
+                 split: str = "train"):
         self.params = params
         self.seed = seed
+        self.split = split
         self.max_train_steps: int | None = None  # set by the trainer before loading starts (token warm-up)
         subset_of: dict[int, SubsetParams] = {}
         train: list[ImageEntry] = []
@@ -144,7 +166,7 @@ class BucketDataset(torch.utils.data.Dataset):
                 logger.warning("ignoring duplicated subset %s (the first one is used)", scan.where)
                 continue
             seen_dirs.add(ident)
-            for e in scan.entries:
+            for e in _split_entries(scan.entries, params, split, seed):
                 (reg if e.is_reg else train).append(e)
                 subset_of[id(e)] = scan.subset
         self.num_train_images = sum(e.num_repeats for e in train)
@@ -161,6 +183,9 @@ class BucketDataset(torch.utils.data.Dataset):
         known: dict[str, Reso] = {}
         for folder in info_dirs:
             known.update(_load_info_cache(folder))
+        if not entries:
+            raise DatasetError(f"the {split} split of the dataset has no images"
+                               + (" (raise validation_split)" if split == "validation" else ""))
         sized = _read_sizes(entries, skip_bad_images, known)
         sizes = {str(e.path): s for e, s in sized}
         for folder, sc in info_dirs.items():
@@ -391,8 +416,12 @@ def scan_blueprint(blueprint: Blueprint) -> list[list[SubsetScan]]:
     return [[scan_subset(s) for s in d.subsets] for d in blueprint.datasets]
 
 
-def build_dataset_group(blueprint: Blueprint, *, seed: int = 0, skip_bad_images: bool = False) -> DatasetGroup:
+def build_dataset_group(blueprint: Blueprint, *, seed: int = 0, skip_bad_images: bool = False,
+                        split: str = "train") -> DatasetGroup:
     """Scan, check and bucket all datasets of a blueprint.
+
+    ``split="validation"`` builds the held-out images of datasets with ``validation_split`` > 0
+    (datasets without it are left out).
 
     Raises:
         DatasetError: listing every problem found in every subset (missing folders, empty
@@ -409,6 +438,7 @@ def build_dataset_group(blueprint: Blueprint, *, seed: int = 0, skip_bad_images:
         for scan in scans:
             for w in scan.warnings:
                 logger.warning("%s: %s", scan.where, w)
-    datasets = [BucketDataset(p, scans, seed=seed, skip_bad_images=skip_bad_images)
-                for p, scans in zip(blueprint.datasets, all_scans)]
+    datasets = [BucketDataset(p, scans, seed=seed, skip_bad_images=skip_bad_images, split=split)
+                for p, scans in zip(blueprint.datasets, all_scans)
+                if split == "train" or (p.validation_split or 0) > 0]
     return DatasetGroup(datasets, seed=seed)
