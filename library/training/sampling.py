@@ -36,7 +36,8 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
     "k_euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}),
+    # newer diffusers refuses final_sigmas_type "zero" with the first-order dpmsolver
+    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
     "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
     "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
