@@ -1,0 +1,105 @@
+"""--fp8_base: float8 storage of frozen Linear/Conv2d weights, upcast per layer (checked on CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from library.models.families import Family
+from library.models.tiny import build_tiny_model
+from library.training.fp8 import FP8, Fp8Conv2d, Fp8Linear, apply_fp8, dequantize, quantize
+
+
+def _inputs(batch: int = 2):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 4, 8, 8, generator=g), torch.tensor([10, 500][:batch]),
+            torch.randn(batch, 77, 96, generator=g),
+            {"text_embeds": torch.randn(batch, 64, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * batch)})
+
+
+def _dequantized_copy(unet: torch.nn.Module) -> torch.nn.Module:
+    """The same UNet with every weight replaced by its float8 round trip (the exact reference)."""
+    ref = copy.deepcopy(unet)
+    for m in ref.modules():
+        if type(m) in (torch.nn.Linear, torch.nn.Conv2d):
+            w8, scale = quantize(m.weight)
+            m.weight.data = dequantize(w8, scale, torch.float32)
+    return ref
+
+
+def test_quantize_error_is_float8_rounding():
+    w = torch.randn(16, 40) * torch.logspace(-3, 0, 16).unsqueeze(1)  # rows of very different scales
+    w8, scale = quantize(w)
+    assert w8.dtype == torch.uint8 and w8.shape == w.shape and scale.shape == (16,)
+    back = dequantize(w8, scale, torch.float32)
+    # e4m3: 3 mantissa bits -> relative rounding error <= 2^-4; below the normal range an absolute
+    # error of half a subnormal step (2^-10 of the row scale x 448)
+    bound = w.abs() * 2**-4 + scale.unsqueeze(1) * 2**-10 + 1e-12
+    assert ((back - w).abs() <= bound).all()
+    # per-row scales keep small rows: kohya's plain cast would flush them to zero
+    plain = w.to(FP8).float()
+    assert (plain[0] == 0).float().mean() > 0.5 and (back[0] == 0).float().mean() < 0.05
+
+
+def test_unet_forward_and_backward_match_dequantized_weights():
+    unet = build_tiny_model(Family.SDXL).unet
+    ref = _dequantized_copy(unet)
+    q = copy.deepcopy(unet)
+    n = apply_fp8(q)
+    assert n == sum(type(m) in (torch.nn.Linear, torch.nn.Conv2d) for m in unet.modules())
+    assert any(isinstance(m, Fp8Linear) for m in q.modules()) and any(isinstance(m, Fp8Conv2d) for m in q.modules())
+    x, t, h, added = _inputs()
+    xr, xq = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_r = ref(xr, t, h, added_cond_kwargs=added).sample
+    out_q = q(xq, t, h, added_cond_kwargs=added).sample
+    torch.testing.assert_close(out_q, out_r, rtol=1e-5, atol=1e-5)
+    out_r.square().mean().backward()
+    out_q.square().mean().backward()
+    torch.testing.assert_close(xq.grad, xr.grad, rtol=1e-4, atol=1e-6)
+    # and it is an approximation of the original model, not something else
+    assert (out_q - unet(x, t, h, added_cond_kwargs=added).sample).abs().mean() < 0.2 * out_r.abs().mean()
+
+
+def test_storage_is_one_byte_per_weight_and_survives_dtype_casts():
+    unet = build_tiny_model(Family.SDXL).unet
+    layer = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    numel = layer.weight.numel()
+    apply_fp8(unet)
+    assert layer.weight_fp8.dtype == torch.uint8 and layer.weight_fp8.numel() == numel
+    assert "weight" not in dict(layer.named_parameters())
+    unet.to(torch.bfloat16)  # the trainer casts the UNet to the mixed-precision dtype
+    assert layer.weight_fp8.dtype == torch.uint8 and layer.weight_scale.dtype == torch.uint8
+    x, t, h, added = _inputs(1)
+    out = unet(x.bfloat16(), t, h.bfloat16(), added_cond_kwargs={k: v.bfloat16() for k, v in added.items()}).sample
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_lora_on_fp8_unet_trains_like_on_dequantized_unet():
+    from networks import lora
+
+    m = build_tiny_model(Family.SDXL)
+    ref_unet = _dequantized_copy(m.unet)
+    q_unet = copy.deepcopy(m.unet)
+    apply_fp8(q_unet)  # before the network wraps the layers, as the trainer does
+    grads = []
+    for unet in (ref_unet, q_unet):
+        torch.manual_seed(3)
+        net = lora.create_network(1.0, 4, 1, m.vae, m.text_encoders, unet)
+        net.apply_to(m.text_encoders, unet, apply_text_encoder=False)
+        for mod in net.unet_loras:  # non-zero up weights so the LoRA path contributes
+            torch.nn.init.normal_(mod.lora_up.weight, std=0.1)
+        x, t, h, added = _inputs()
+        out = unet(x, t, h, added_cond_kwargs=added).sample
+        out.square().mean().backward()
+        grads.append((out.detach(), torch.cat([p.grad.reshape(-1) for p in net.parameters() if p.grad is not None])))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-4, atol=1e-6)
+    assert grads[1][1].abs().sum() > 0
+
+
+def test_trainable_weights_are_refused():
+    layer = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="frozen"):
+        apply_fp8(layer)
