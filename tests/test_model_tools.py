@@ -206,10 +206,17 @@ def test_merge_refuses_mixed_families(tiny_model_dir, tmp_path, capsys):
     assert not out.exists() and _no_temp_files(tmp_path)
 
 
-def test_merge_rejects_wrong_ratio_count(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("extra, expected", [
+    (["--ratios", "1"], "--ratios"),
+    (["--device", "no_such_device"], "--device"),
+    pytest.param(["--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_merge_rejects_bad_flags(extra, expected, tiny_model_dir, tmp_path, capsys):
     a = str(tiny_model_dir("sd1", "single_file"))
-    assert merge_tool.main(["--models", a, a, "--ratios", "1", "--output", str(tmp_path / "m")]) == 1
-    assert "--ratios" in _one_error_line(capsys)
+    assert merge_tool.main(["--models", a, a, "--output", str(tmp_path / "m"), *extra]) == 1
+    assert expected in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------- bad input

@@ -136,6 +136,15 @@ def _check_inputs(models: list[str], ratios: list[float] | None, output: Path) -
     return ratios
 
 
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelLoadError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+
+
 def _check_families(sources: list[_Source]) -> None:
     from library.models.loading import detect_family_from_keys
 
@@ -155,6 +164,7 @@ def merge(models: list[str], output: str | Path, ratios: list[float] | None = No
     if output.suffix.lower() != ".safetensors":
         output = output.with_name(output.name + ".safetensors")
     ratios = _check_inputs(models, ratios, output)
+    _check_device(device)
     dtype, save_dtype = PRECISIONS[precision], PRECISIONS[saving_precision]
     sources = [_Source(m) for m in models]
     _check_families(sources)
