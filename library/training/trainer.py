@@ -91,7 +91,7 @@ class NetworkTrainer:
         (before the network wraps them); ``--lowram`` moves the UNet and text encoders to the device
         at once, so their CPU copies are freed before the data is prepared."""
         a = self.args
-        if a.fp8_base:
+        if a.fp8_base or getattr(a, "fp8_base_unet", False):  # sdtk's fp8_base covers only the UNet anyway
             from library.training.fp8 import apply_fp8
 
             apply_fp8(model.unet)

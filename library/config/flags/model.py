@@ -26,10 +26,11 @@ FLAGS = in_group("model", [
     F("--no_half_vae", bool, False, DONE,
       "Keep the VAE in float32 under mixed precision (the SDXL VAE overflows in fp16)."),
     F("--fp8_base", bool, False, DONE,
-      "Store the frozen base model weights in float8 to save memory (computation stays in "
-      "the mixed-precision dtype)."),
-    F("--fp8_base_unet", bool, False, TODO,
-      "Store only the U-Net in float8; the text encoders stay in fp16/bf16."),
+      "Store the frozen U-Net's Linear/Conv weights in float8 (one scale per output channel), "
+      "upcast per layer while computing: 1 byte per weight (the text encoders are not changed)."),
+    F("--fp8_base_unet", bool, False, DONE,
+      "Store only the U-Net in float8; the text encoders stay in fp16/bf16 (in sdtk the same as "
+      "--fp8_base)."),
     F("--lowram", bool, False, DONE,
       "Load the model directly to the GPU instead of building it in CPU memory (for machines "
       "with little RAM)."),
