@@ -185,8 +185,12 @@ class ModelWeights:
         return self.file.get(base + _OPEN_CLIP_PARTS[mod] + "." + kind)
 
 
-def target_modules(src: ModelWeights, dim: int, conv_dim: int | None) -> list[tuple[str, int | None, str, tuple[int, ...]]]:
-    """kohya's extraction targets: ``(lora_name, te index or None for UNet, weight path, weight shape)``."""
+def target_modules(config: dict, dim: int, conv_dim: int | None) -> list[tuple[str, int | None, str, tuple[int, ...]]]:
+    """kohya's LoRA targets of a model config: ``(lora_name, te index or None for UNet, weight path, weight shape)``.
+
+    Args:
+        config: ``{"unet": diffusers UNet config, "text_encoders": [{"cls", "config"}]}`` (sdtk's model config).
+    """
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     import transformers
@@ -194,10 +198,10 @@ def target_modules(src: ModelWeights, dim: int, conv_dim: int | None) -> list[tu
     from networks.lora import create_network
 
     with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(src.config["unet"])
+        unet = UNet2DConditionModel.from_config(config["unet"])
         tes = [getattr(transformers, t["cls"])(transformers.CLIPTextConfig(**{k: v for k, v in t["config"].items()
                                                                                 if k != "architectures"}))
-               for t in src.config["text_encoders"]]
+               for t in config["text_encoders"]]
         kwargs = {} if conv_dim is None else {"conv_dim": conv_dim, "conv_alpha": conv_dim}
         net = create_network(1.0, dim, dim, None, tes if len(tes) > 1 else tes[0], unet, **kwargs)
     paths = {id(m): (None, p) for p, m in unet.named_modules()}
@@ -259,7 +263,7 @@ def extract(args: argparse.Namespace) -> int:
     load_dtype = common.dtype_of(args.load_precision) or torch.float32
     work = args.device or "cpu"
     dev_org, dev_tuned = args.load_original_model_to or "cpu", args.load_tuned_model_to or "cpu"
-    targets = target_modules(org, args.dim, args.conv_dim)
+    targets = target_modules(org.config, args.dim, args.conv_dim)
     te_targets = [t for t in targets if t[1] is not None]
     unet_targets = [t for t in targets if t[1] is None]
 

@@ -83,7 +83,7 @@ def resize(args: argparse.Namespace) -> int:
         raise ConfigError("--model is required: the LoRA file to resize")
     if args.dynamic_method and not args.dynamic_param:
         raise ConfigError(f"--dynamic_method {args.dynamic_method} needs --dynamic_param (e.g. 0.9 for sv_fro)")
-    lf = common.load_lora(args.model)
+    lf = common.load_lora(args.model, dtype=None)  # factors go to float32 one module at a time
     check_ranks(lf, args.new_rank, args.new_conv_rank, bool(args.dynamic_method))
     conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
     save_dtype = common.dtype_of(args.save_precision) or torch.float32
@@ -96,7 +96,8 @@ def resize(args: argparse.Namespace) -> int:
             target = conv_rank if fac.is_conv3x3 else args.new_rank
             if not args.dynamic_method:
                 target = min(target, fac.rank)  # modules already smaller keep their rank
-            resized[name], st = resize_module(fac, target, args.dynamic_method, args.dynamic_param, device)
+            new, st = resize_module(fac, target, args.dynamic_method, args.dynamic_param, device)
+            resized[name] = common.LoRAFactors(new.down.to(save_dtype), new.up.to(save_dtype), new.alpha)
             if st.fro_retained == st.fro_retained:  # not NaN (all-zero module)
                 fro.append(st.fro_retained)
             if args.verbose:
