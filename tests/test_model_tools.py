@@ -116,6 +116,19 @@ def test_convert_writes_metadata_and_show_metadata_prints_json(tiny_model_dir, t
     assert isinstance(raw["sdtk.model_config"], str)
 
 
+def test_convert_v_parameterization_reaches_the_scheduler_config(tiny_model_dir, tmp_path):
+    src = tiny_model_dir("sd2", "single_file")
+    out = tmp_path / "v"
+    args = [str(src), str(out), "--v2", "--v_parameterization", "--tokenizer_cache_dir", str(_tok_dir(src))]
+    assert convert_tool.main(args) == 0
+    sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction"
+    single = tmp_path / "v.safetensors"
+    assert convert_tool.main([str(src), str(single), "--v_parameterization"]) == 0
+    with safe_open(str(single), "pt") as f:
+        assert json.loads(f.metadata()["sdtk.model_config"])["scheduler"]["prediction_type"] == "v_prediction"
+
+
 def test_convert_overwrites_existing_output_atomically(tiny_model_dir, tmp_path):
     src = tiny_model_dir("sd1", "single_file")
     out = tmp_path / "out.safetensors"

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save a diffusers folder with .safetensors weights (default: .bin, as kohya)")
     p.add_argument("--tokenizer_cache_dir", default=None,
                    help="folder with tokenizers in kohya's layout (<dir>/openai_clip-vit-large-patch14, ...)")
+    p.add_argument("--v_parameterization", action="store_true",
+                   help="the model predicts v (SD2 768-v and fine-tunes): recorded in the output's scheduler config")
     p.add_argument("--allow_pickle", action="store_true",
                    help="allow reading a .ckpt (pickle) input; only for files from a source you trust")
     p.add_argument("model_to_load", help="single file (.safetensors/.ckpt) or diffusers folder")
@@ -180,7 +182,11 @@ def convert(args: argparse.Namespace) -> Path:
     _check_family_flags(family, args, str(src))
     tokenizers = None if as_file else find_tokenizers(family, src, args.reference_model, args.tokenizer_cache_dir)
     # Reading straight into the save dtype keeps memory at one copy; None keeps each tensor's own dtype.
-    model = load_models(str(src), v2=args.v2, allow_pickle=args.allow_pickle, dtype=dtype, with_tokenizers=False)
+    model = load_models(str(src), v2=args.v2, v_parameterization=args.v_parameterization,
+                        allow_pickle=args.allow_pickle, dtype=dtype, with_tokenizers=False)
+    if model.v_parameterization:  # load_models does not yet update a config embedded in the file
+        model.scheduler_config["prediction_type"] = "v_prediction"
+        model.model_config.setdefault("scheduler", {})["prediction_type"] = "v_prediction"
     if as_file:
         save_single_file(model, out, dtype, metadata, epoch=args.epoch, global_step=args.global_step)
     else:
