@@ -179,3 +179,41 @@ def test_missing_tracker_package_is_named(tiny_model_dir, data, tmp_path, capsys
                       str(tmp_path / "logs"), steps=1)
     assert run_in_process(argv) == 1
     assert "pip install" in capsys.readouterr().err
+
+
+def test_sd2_v_prediction_model(tiny_model_dir, data, tmp_path):
+    from tools.make_tiny_model import make_tiny_model
+    from library.models.families import Family
+
+    model = make_tiny_model(Family.SD2, "diffusers", tmp_path / "sd2v", v_parameterization=True)
+    argv = train_argv(model, data, tmp_path / "out", "--v2", "--v_parameterization", "--min_snr_gamma", "5", steps=2)
+    assert run_in_process(argv) == 0
+    md = lora_metadata(tmp_path / "out" / "lora.safetensors")
+    assert md["ss_base_model_version"] == "sd_v2_v" and md["ss_v2"] == "True"
+    assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
+    assert md["modelspec.prediction_type"] == "v"
+
+
+def test_sdxl_model_is_refused_with_the_right_script(tiny_model_dir, data, tmp_path, capsys):
+    assert run_in_process(train_argv(tiny_model_dir("sdxl"), data, tmp_path, steps=1)) == 1
+    assert "sdxl_train_network.py" in capsys.readouterr().err
+
+
+def test_xformers_without_cuda_is_explained(tiny_model_dir, data, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    assert run_in_process(train_argv(tiny_model_dir("sd1"), data, tmp_path, "--xformers", steps=1)) == 1
+    assert "--sdpa" in capsys.readouterr().err
+
+
+def test_continue_from_network_weights(tiny_model_dir, data, tmp_path):
+    model = tiny_model_dir("sd1")
+    assert run_in_process(train_argv(model, data, tmp_path / "a", steps=2)) == 0
+    first = lora_tensors(tmp_path / "a" / "lora.safetensors")
+    argv = train_argv(model, data, tmp_path / "b", "--network_weights", str(tmp_path / "a" / "lora.safetensors"),
+                      steps=1)
+    argv[argv.index("--learning_rate") + 1] = "1e-12"  # barely moves: the result is the loaded weights
+    assert run_in_process(argv) == 0
+    second = lora_tensors(tmp_path / "b" / "lora.safetensors")
+    key = next(k for k in first if k.endswith("lora_up.weight") and first[k].abs().sum() > 0)
+    torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=0)

@@ -88,6 +88,8 @@ def build_session_metadata(t: Any, s: Any, optimizer_text: str) -> dict[str, str
         dataset_info=dataset_metadata(s.group, a, s.accelerator.num_processes),
         model_hashes=model_hashes(a) if a.pretrained_model_name_or_path else {})
     md["ss_max_train_steps"] = str(s.max_train_steps)
+    # the model decides, not the flags: an SD2 folder loaded without --v2 is still SD2
+    md["ss_v2"] = str(s.model.family.value == "sd2")
     md.update({k: str(v) for k, v in t.session_metadata_extra().items()})
     return md
 
