@@ -42,7 +42,8 @@ def make_state(s: Any, progress: Progress) -> TrainState:
     scaler = getattr(s.accelerator, "scaler", None)
     return TrainState(progress=Progress(**vars(progress)), network=s.network.state_dict(),
                       optimizer=s.optimizer.state_dict(), scheduler=s.lr_scheduler.state_dict(), rng=capture_rng(),
-                      data={"epoch": progress.epoch + 1, "position": progress.batch_in_epoch},
+                      data={"epoch": progress.epoch + 1, "position": progress.batch_in_epoch,
+                            "epoch_losses": list(s.loss_recorder.values) if s.loss_recorder else []},
                       signature=run_signature(s), scaler=scaler.state_dict() if scaler is not None else None)
 
 
@@ -59,6 +60,9 @@ def resume(s: Any) -> Progress:
     if scaler is not None and st.scaler is not None:
         scaler.load_state_dict(st.scaler)
     restore_rng(st.rng)
+    s.loss_recorder = LossRecorder()
+    for i, value in enumerate(st.data.get("epoch_losses", [])):
+        s.loss_recorder.add(i, float(value))
     p = st.progress
     logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", s.args.resume, p.epoch + 1,
                 p.global_step, p.batch_in_epoch)
@@ -111,7 +115,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
     if progress.global_step == 0 and not a.resume:
         t.sample_images(s, 0, None)
     bar = make_progress_bar(s.max_train_steps, progress.global_step, acc.is_main_process)
-    recorder = LossRecorder()
+    recorder = s.loss_recorder = s.loss_recorder or LossRecorder()
     te, unet = _te_arg(s), s.model.unet
     while progress.global_step < s.max_train_steps and progress.epoch < s.num_epochs:
         epoch_no = progress.epoch + 1

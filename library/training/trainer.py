@@ -58,6 +58,7 @@ class Session:
     metadata: dict[str, str] = field(default_factory=dict)
     save_dtype: torch.dtype | None = None
     trainable_params: list = field(default_factory=list)
+    loss_recorder: Any = None  # progress.LossRecorder, set by the loop (saved in states for avr_loss)
 
 
 class NetworkTrainer:
