@@ -213,7 +213,7 @@ def _stored_dtype(source: _Source, key: str) -> torch.dtype:
         return source.get(key).dtype
     name = st.get_slice(source.keys[key]).get_dtype()
     table = {v: k for k, v in _ST_DTYPES.items()}
-    return table[name]
+    return table[name] if name in table else source.get(key).dtype
 
 
 def main(argv: list[str] | None = None) -> int:
