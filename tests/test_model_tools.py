@@ -315,3 +315,20 @@ def test_show_metadata_rejects_non_safetensors(tiny_model_dir, capsys):
     folder = tiny_model_dir("sd1", "diffusers")
     assert show_tool.main([str(folder / "model_index.json")]) == 1
     assert "not a .safetensors file" in _one_error_line(capsys)
+
+
+def test_streaming_safetensors_writer_round_trips_every_dtype(tmp_path):
+    tensors = {
+        "half": torch.randn(3, 5).half(), "bf16": torch.randn(7).bfloat16(), "f32": torch.randn(2, 2, 1, 1),
+        "ids": torch.arange(77).reshape(1, 77), "flag": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    entries = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    out = tmp_path / "s.safetensors"
+    merge_tool.write_safetensors_streaming(out, entries, tensors.__getitem__, {"a": "b"})
+    _assert_same_tensors(tensors, load_file(out))
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata() == {"a": "b"}
+    with pytest.raises(Exception, match="announced"):  # a producer that breaks its promise leaves no file
+        merge_tool.write_safetensors_streaming(tmp_path / "bad.safetensors", entries, lambda k: tensors["f32"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
