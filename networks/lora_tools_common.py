@@ -50,13 +50,6 @@ def run_tool(parser: argparse.ArgumentParser, body: Callable[[argparse.Namespace
         return 1
 
 
-def reject_unimplemented(args: argparse.Namespace, flags: Mapping[str, str]) -> None:
-    """kohya flags sdtk accepts but does not implement: refuse them when set, never ignore them."""
-    used = [f"--{name} ({why})" for name, why in flags.items() if getattr(args, name, None)]
-    if used:
-        raise ConfigError([f"{u} is not implemented in sdtk; run without it" for u in used])
-
-
 def require_save_to(path: str | None, suffixes: Iterable[str] = LORA_SUFFIXES) -> Path:
     suffixes = tuple(suffixes)
     if not path:
@@ -266,3 +259,69 @@ def add_precision_args(p: argparse.ArgumentParser, merge: bool = True) -> None:
     if merge:
         p.add_argument("--precision", type=str, default="float", choices=list(PRECISIONS),
                        help="precision of the computation (float recommended)")
+
+
+# ------------------------------------------------------------------------- layer-block weights
+# kohya's --lbws (from sd-webui-lora-block-weight): a JSON list per model with 12, 17, 20 or 26 weights
+# for the blocks BASE (text encoders), IN00-IN11, MID, OUT00-OUT11; shorter lists cover a subset of
+# them (the True entries below). Lists of 12 or 20 mean SDXL for svd_merge_lora (kohya's rule).
+_LBW_BLOCKS = ["BASE"] + [f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)]
+_LBW_SUBSETS = {
+    12: {"BASE", "IN04", "IN05", "IN07", "IN08", "MID", "OUT00", "OUT01", "OUT02", "OUT03", "OUT04", "OUT05"},
+    17: {"BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID"} | {f"OUT{i:02d}" for i in range(3, 12)},
+    20: {"BASE", "MID"} | {f"IN{i:02d}" for i in range(9)} | {f"OUT{i:02d}" for i in range(9)},
+    26: set(_LBW_BLOCKS),
+}
+_RE_UPDOWN = __import__("re").compile(r"(up|down)_blocks_(\d+)_(resnets|upsamplers|downsamplers|attentions)_(\d+)_")
+
+
+def parse_lbws(lbws: Sequence[str] | None, n_models: int) -> tuple[list[dict[int, float]], bool]:
+    """``--lbws`` -> per model ``{block index: weight}`` (blocks not listed keep weight 1) and "is SDXL".
+
+    Raises:
+        ConfigError: not JSON lists of numbers, lengths differ or are not 12/17/20/26, count != models.
+    """
+    import json
+
+    if not lbws:
+        return [{} for _ in range(n_models)], False
+    if len(lbws) != n_models:
+        raise ConfigError(f"{n_models} --models but {len(lbws)} --lbws: give one layer-block weight list per model")
+    try:
+        lists = [json.loads(s) for s in lbws]
+    except ValueError as e:
+        raise ConfigError(f"--lbws must be JSON lists such as \"[1,0,0.5,...]\" ({e})") from e
+    if not all(isinstance(v, list) and all(isinstance(x, (int, float)) for x in v) for v in lists):
+        raise ConfigError("--lbws must be JSON lists of numbers")
+    lengths = {len(v) for v in lists}
+    if len(lengths) != 1 or next(iter(lengths)) not in _LBW_SUBSETS:
+        raise ConfigError(f"--lbws lists must all have the same length, one of {sorted(_LBW_SUBSETS)} (got {sorted(lengths)})")
+    n = lengths.pop()
+    idx = [i for i, b in enumerate(_LBW_BLOCKS) if b in _LBW_SUBSETS[n]]
+    return [dict(zip(idx, map(float, v))) for v in lists], n in (12, 20)
+
+
+def lbw_block_index(lora_name: str, is_sdxl: bool) -> int:
+    """kohya's block index of a LoRA module name: 0 text encoder, 1-12 IN, 13 MID, 14-25 OUT; -1 unknown."""
+    if "text_model_encoder_" in lora_name:
+        return 0
+    if is_sdxl:
+        name = lora_name.removeprefix("lora_unet_")
+        if name == lora_name:
+            return -1
+        if name.startswith(("time_embed_", "label_emb_")):
+            return 1
+        if name.startswith("input_blocks_"):
+            return 1 + int(name.split("_")[2])
+        if name.startswith("middle_block_"):
+            return 13
+        if name.startswith("output_blocks_"):
+            return 14 + int(name.split("_")[2])
+        return 23 if name.startswith("out_") else -1
+    m = _RE_UPDOWN.search(lora_name)
+    if m:
+        kind, i, part, j = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
+        if kind == "down":
+            return 1 + (3 * (i + 1) if part == "downsamplers" else 3 * i + j + 1)
+        return 14 + (3 * i + 2 if part == "upsamplers" else 3 * i + j)
+    return 13 if "mid_block_" in lora_name else -1

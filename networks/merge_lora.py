@@ -45,7 +45,8 @@ def build_parser(sdxl: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--models", type=str, nargs="*", help="LoRA files to merge")
     p.add_argument("--ratios", type=float, nargs="*", help="ratio of each LoRA")
     if sdxl:
-        p.add_argument("--lbws", type=str, nargs="*", help="layer-block weights per model (not implemented in sdtk)")
+        p.add_argument("--lbws", type=str, nargs="*",
+                       help='layer-block weights per model, JSON lists of 12/17/20/26 numbers, e.g. "[1,0,0,1,...]"')
     p.add_argument("--no_metadata", action="store_true", help="do not write modelspec metadata (minimum ss_* is kept)")
     p.add_argument("--concat", action="store_true", help="concatenate ranks instead of adding factors (LoRA output only)")
     p.add_argument("--shuffle", action="store_true", help="shuffle the rank order of the merged LoRA (LoRA output only)")
@@ -72,8 +73,12 @@ def module_map(model) -> dict[str, torch.nn.Module]:
 
 
 @torch.no_grad()
-def merge_into_model(model, files: Sequence[common.LoRAFile], ratios: Sequence[float], dtype: torch.dtype) -> int:
+def merge_into_model(model, files: Sequence[common.LoRAFile], ratios: Sequence[float], dtype: torch.dtype,
+                     lbws: Sequence[dict[int, float]] | None = None) -> int:
     """Add every LoRA's delta into the model's weights (computed in float32, stored in ``dtype``).
+
+    Args:
+        lbws: per file, layer-block weights ``{block index: weight}`` (see ``common.parse_lbws``).
 
     Returns:
         The number of module updates made.
@@ -83,7 +88,8 @@ def merge_into_model(model, files: Sequence[common.LoRAFile], ratios: Sequence[f
     """
     targets = module_map(model)
     done = 0
-    for f, ratio in zip(files, ratios):
+    lbws = lbws or [{} for _ in files]
+    for f, ratio, lbw in zip(files, ratios, lbws):
         missing = [n for n in f.modules if n not in targets]
         if len(missing) == len(f.modules):
             raise ModelLoadError(f"{f.path}: none of its {len(f.modules)} modules exists in the model; is it a LoRA for this model family?")
@@ -93,7 +99,8 @@ def merge_into_model(model, files: Sequence[common.LoRAFile], ratios: Sequence[f
             mod = targets.get(name)
             if mod is None:
                 continue
-            delta = lora_math.delta_weight(fac.up, fac.down, fac.scale * ratio)
+            block_w = lbw.get(common.lbw_block_index(name, True), 1.0) if lbw else 1.0  # kohya: SDXL indices
+            delta = lora_math.delta_weight(fac.up, fac.down, fac.scale * ratio * block_w)
             w = mod.weight
             if delta.numel() != w.numel() or delta.shape[:2] != w.shape[:2]:
                 raise ModelLoadError(f"{f.path}: module {name} has shape {tuple(delta.shape)} but the model's weight is "
@@ -123,7 +130,8 @@ def base_family(path: str) -> Family:
     return detect_family_from_keys(CheckpointReader(p, allow_pickle=True).keys(), path)
 
 
-def merge_to_checkpoint(args: argparse.Namespace, files: list[common.LoRAFile], sdxl: bool) -> None:
+def merge_to_checkpoint(args: argparse.Namespace, files: list[common.LoRAFile], sdxl: bool,
+                        lbws: list[dict[int, float]]) -> None:
     from library.models.loading import load_models
     from library.models.modelspec import build_modelspec
     from library.models.saving import save_diffusers, save_single_file
@@ -142,7 +150,7 @@ def merge_to_checkpoint(args: argparse.Namespace, files: list[common.LoRAFile], 
     save_dtype = common.dtype_of(args.save_precision) or merge_dtype
     model = load_models(args.sd_model, v2=getattr(args, "v2", False), dtype=merge_dtype, allow_pickle=True,
                         with_tokenizers=folder_out)
-    n = merge_into_model(model, files, args.ratios, merge_dtype)
+    n = merge_into_model(model, files, args.ratios, merge_dtype, lbws)
     logger.info("%d module weights updated", n)
     metadata = None
     if not args.no_metadata:
@@ -157,12 +165,14 @@ def merge_to_checkpoint(args: argparse.Namespace, files: list[common.LoRAFile], 
 
 # ------------------------------------------------------------------------------ into one LoRA
 def merge_lora_files(files: Sequence[common.LoRAFile], ratios: Sequence[float], concat: bool = False,
-                     shuffle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
+                     shuffle: bool = False, lbws: Sequence[dict[int, float]] | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, float]]:
     """kohya's LoRA + LoRA merge, factor by factor.
 
     Each module's factors are scaled by ``s = sqrt(alpha / alpha_first) * ratio`` (``|s|`` for
     ``lora_up``, so a negative ratio flips the delta) and summed, or concatenated along the rank with
     ``concat``. Alpha and (without ``concat``) rank are those of the first file that has the module.
+    Layer-block weights multiply both factors (so their square scales the delta), as in kohya.
     The sum of factors is not the sum of deltas (cross terms); ``svd_merge_lora.py`` merges exactly.
 
     Returns:
@@ -174,12 +184,15 @@ def merge_lora_files(files: Sequence[common.LoRAFile], ratios: Sequence[float], 
     merged: dict[str, torch.Tensor] = {}
     base_alpha: dict[str, float] = {}
     base_dim: dict[str, int] = {}
-    for f, ratio in zip(files, ratios):
+    lbws = lbws or [{} for _ in files]
+    for f, ratio, lbw in zip(files, ratios, lbws):
         for name, fac in f.modules.items():
+            block_w = lbw.get(common.lbw_block_index(name, True), 1.0) if lbw else 1.0
             base_alpha.setdefault(name, fac.alpha)
             base_dim.setdefault(name, fac.rank)
             s = math.sqrt(fac.alpha / base_alpha[name]) * ratio
-            for suffix, t, s_used, cat_dim in ((keys.SUFFIX_UP, fac.up, abs(s), 1), (keys.SUFFIX_DOWN, fac.down, s, 0)):
+            for suffix, t, s_used, cat_dim in ((keys.SUFFIX_UP, fac.up, abs(s) * block_w, 1),
+                                               (keys.SUFFIX_DOWN, fac.down, s * block_w, 0)):
                 key = f"{name}.{suffix}"
                 if key not in merged:
                     merged[key] = t * s_used
@@ -199,11 +212,12 @@ def merge_lora_files(files: Sequence[common.LoRAFile], ratios: Sequence[float], 
     return merged, base_dim, base_alpha
 
 
-def merge_to_lora(args: argparse.Namespace, files: list[common.LoRAFile], family: Family | None) -> None:
+def merge_to_lora(args: argparse.Namespace, files: list[common.LoRAFile], family: Family | None,
+                  lbws: list[dict[int, float]]) -> None:
     out = common.require_save_to(args.save_to)
     merge_dtype = common.dtype_of(args.precision)
     save_dtype = common.dtype_of(args.save_precision) or merge_dtype
-    sd, dims, alphas = merge_lora_files(files, args.ratios, args.concat, args.shuffle)
+    sd, dims, alphas = merge_lora_files(files, args.ratios, args.concat, args.shuffle, lbws)
     sd = {k: v.to(merge_dtype) for k, v in sd.items()}
     first_meta = files[0].metadata
     v2 = next((f.metadata["ss_v2"] for f in files if "ss_v2" in f.metadata), None)
@@ -218,8 +232,8 @@ def merge_to_lora(args: argparse.Namespace, files: list[common.LoRAFile], family
 
 def run(args: argparse.Namespace, sdxl: bool) -> int:
     tool = "networks/sdxl_merge_lora.py" if sdxl else "networks/merge_lora.py"
-    common.reject_unimplemented(args, {"lbws": "layer-block weights"})
     args.ratios = common.check_ratios(args.models, args.ratios)
+    lbws, _ = common.parse_lbws(getattr(args, "lbws", None), len(args.models))
     if not args.save_to:
         raise ConfigError("--save_to is required (the output file)")
     if args.sd_model is not None and (args.concat or args.shuffle):
@@ -227,9 +241,9 @@ def run(args: argparse.Namespace, sdxl: bool) -> int:
     files = common.load_loras(args.models, dtype=torch.float32)
     family = common.require_lora_family(files, sdxl, tool)
     if args.sd_model is not None:
-        merge_to_checkpoint(args, files, sdxl)
+        merge_to_checkpoint(args, files, sdxl, lbws)
     else:
-        merge_to_lora(args, files, family if family is not None else (Family.SDXL if sdxl else None))
+        merge_to_lora(args, files, family if family is not None else (Family.SDXL if sdxl else None), lbws)
     logger.info("saved %s", args.save_to)
     return 0
 

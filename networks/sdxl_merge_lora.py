@@ -5,7 +5,8 @@
 
 Same flags and behaviour as ``networks/merge_lora.py`` (see its docstring and docs/lora_tools.md), for
 SDXL models and LoRAs (UNet keys in the original sgm layout, text encoders ``lora_te1_`` /
-``lora_te2_``). ``--lbws`` (layer-block weights) is not implemented and is refused when given.
+``lora_te2_``), plus kohya's ``--lbws`` layer-block weights (one JSON list per model, 12/17/20/26
+entries for BASE, IN00-IN11, MID, OUT00-OUT11; see docs/lora_tools.md).
 """
 
 from __future__ import annotations

@@ -8,7 +8,8 @@ decomposed and truncated to ``--new_rank`` (``--new_conv_rank`` for kxk convs, d
 ``--new_rank``), factors clamped at their 0.99 quantile as kohya does, alpha = rank. The sum is kept
 factored (its rank is at most the sum of the input ranks), so no full-size matrix is built. Modules
 whose summed rank is below the target are zero-padded to it (the delta is unchanged). Works for
-SD1.x/SD2.x and SDXL LoRAs alike; all inputs must be of one family.
+SD1.x/SD2.x and SDXL LoRAs alike; all inputs must be of one family. ``--lbws``: kohya's layer-block
+weights (lists of 12 or 20 use SDXL block numbering, 17 or 26 SD1/SD2's).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_to", type=str, default=None, help="output file: .safetensors, .ckpt, .pt or .pth")
     p.add_argument("--models", type=str, nargs="*", help="LoRA files to merge")
     p.add_argument("--ratios", type=float, nargs="*", help="ratio of each LoRA")
-    p.add_argument("--lbws", type=str, nargs="*", help="layer-block weights per model (not implemented in sdtk)")
+    p.add_argument("--lbws", type=str, nargs="*",
+                   help='layer-block weights per model, JSON lists of 12/17/20/26 numbers (12/20: SDXL blocks)')
     p.add_argument("--new_rank", type=int, default=4, help="rank of the merged LoRA")
     p.add_argument("--new_conv_rank", type=int, default=None, help="rank for kxk conv modules; default --new_rank")
     p.add_argument("--device", type=str, default=None, help="device for the SVDs, e.g. cuda; default cpu")
@@ -65,8 +67,8 @@ def merge_module(parts: list[tuple[common.LoRAFactors, float]], rank: int, devic
 
 
 def svd_merge(args: argparse.Namespace) -> int:
-    common.reject_unimplemented(args, {"lbws": "layer-block weights"})
     ratios = common.check_ratios(args.models, args.ratios)
+    lbws, lbw_sdxl = common.parse_lbws(args.lbws, len(args.models))
     out = common.require_save_to(args.save_to)
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         raise ConfigError("--new_rank and --new_conv_rank must be at least 1")
@@ -81,9 +83,10 @@ def svd_merge(args: argparse.Namespace) -> int:
     family = next(iter(known), None)
 
     names: dict[str, list[tuple[common.LoRAFactors, float]]] = {}
-    for f, ratio in zip(files, ratios):
+    for f, ratio, lbw in zip(files, ratios, lbws):
         for name, fac in f.modules.items():
-            names.setdefault(name, []).append((fac.__class__(fac.down.float(), fac.up.float(), fac.alpha), ratio))
+            block_w = lbw.get(common.lbw_block_index(name, lbw_sdxl), 1.0) if lbw else 1.0
+            names.setdefault(name, []).append((fac.__class__(fac.down.float(), fac.up.float(), fac.alpha), ratio * block_w))
     device = args.device or "cpu"
     merged: dict[str, common.LoRAFactors] = {}
     with torch.no_grad():

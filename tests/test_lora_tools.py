@@ -20,7 +20,7 @@ from library.models.families import Family
 from library.models.loading import load_models
 from networks import check_lora_weights, extract_lora_from_models, lora, lora_math, merge_lora, resize_lora
 from networks import sdxl_merge_lora, svd_merge_lora
-from networks.lora_tools_common import LoRAFactors, load_lora
+from networks.lora_tools_common import load_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -393,8 +393,8 @@ def test_bad_input_one_line_and_no_partial_file(sd1_file, tmp_path, capsys):
                            (svd_merge_lora.main, ["--models", bad, "--ratios", "1", "--save_to", out]),
                            (check_lora_weights.main, [bad])):
             assert str(bad) in _run_fails(tool, argv, capsys, out)
-    msg = _run_fails(sdxl_merge_lora.main, ["--models", good, "--ratios", "1", "--lbws", "[1]", "--save_to", out], capsys, out)
-    assert "--lbws" in msg and "not implemented" in msg
+    msg = _run_fails(sdxl_merge_lora.main, ["--models", good, "--ratios", "1", "--lbws", "[1, 2]", "--save_to", out], capsys, out)
+    assert "--lbws" in msg and "12, 17, 20, 26" in msg
 
 
 def test_existing_output_is_replaced_atomically(sd1_file, tmp_path, capsys):
@@ -422,3 +422,34 @@ def test_tools_run_as_files_and_modules(sd1_file, tmp_path):
     assert r.returncode == 0, r.stderr
     sd = torch.load(tmp_path / "r.pt", weights_only=True)
     assert all(v.shape[0] == 1 for k, v in sd.items() if k.endswith("lora_down.weight"))
+
+
+# --------------------------------------------------------------------------- layer-block weights
+def test_lbw_block_indices_follow_kohya():
+    from networks.lora_tools_common import lbw_block_index, parse_lbws
+
+    assert lbw_block_index("lora_te_text_model_encoder_layers_0_mlp_fc1", False) == 0
+    assert lbw_block_index("lora_unet_down_blocks_0_attentions_1_proj_in", False) == 3  # IN02
+    assert lbw_block_index("lora_unet_down_blocks_1_downsamplers_0_conv", False) == 7  # IN06
+    assert lbw_block_index("lora_unet_mid_block_attentions_0_proj_in", False) == 13
+    assert lbw_block_index("lora_unet_up_blocks_3_attentions_2_proj_out", False) == 25  # OUT11
+    assert lbw_block_index("lora_unet_input_blocks_4_1_proj_in", True) == 5  # IN04
+    assert lbw_block_index("lora_unet_output_blocks_8_1_proj_out", True) == 22
+    maps, sdxl = parse_lbws(["[" + ",".join(["0.5"] * 12) + "]"], 1)
+    assert sdxl and sorted(maps[0]) == [0, 5, 6, 8, 9, 13, 14, 15, 16, 17, 18, 19]
+
+
+def test_sdxl_merge_with_lbws_zeroes_chosen_blocks(sdxl_file, tmp_path):
+    m = load_models(str(sdxl_file), with_tokenizers=False)
+    lp = tmp_path / "xl.safetensors"
+    _make_lora(m, lp, conv_dim=None)
+    out = tmp_path / "m.safetensors"
+    weights = [1.0] * 12
+    weights[1] = 0.0  # IN04 = input_blocks.4 (down_blocks.1.attentions.0): not merged
+    assert sdxl_merge_lora.main(["--sd_model", str(sdxl_file), "--models", str(lp), "--ratios", "1",
+                                 "--lbws", str(weights), "--save_to", str(out)]) == 0
+    merged = load_models(str(out), with_tokenizers=False)
+    off = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    on = "down_blocks.1.attentions.1.transformer_blocks.0.attn1.to_q"  # input_blocks.5 = IN05, weight 1
+    assert torch.equal(merged.unet.get_submodule(off).weight, m.unet.get_submodule(off).weight)
+    assert not torch.equal(merged.unet.get_submodule(on).weight, m.unet.get_submodule(on).weight)
