@@ -19,7 +19,7 @@ from library.errors import TrainingError
 from library.training import noise as N
 from library.training import saving as S
 from library.training.data import iterate_epoch
-from library.training.progress import LossRecorder, make_progress_bar
+from library.training.progress import LossRecorder, init_trackers, make_progress_bar
 from library.training.state import Progress, TrainState, capture_rng, load_state, restore_rng, save_state
 
 logger = logging.getLogger(__name__)
@@ -90,6 +90,12 @@ def _global_loss(acc: Any, loss: torch.Tensor) -> float:
     return float(acc.reduce(loss.detach().clone(), reduction="sum"))
 
 
+def _tracker_config(a: Any) -> dict[str, Any]:
+    """Scalar run settings for the trackers' config panel (what TensorBoard/W&B accept)."""
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(a).items()
+            if v is not None and not k.startswith(("wandb_api_key", "huggingface_token"))}
+
+
 def _te_arg(s: Any):
     tes = s.model.text_encoders
     return tes[0] if len(tes) == 1 else tes
@@ -108,8 +114,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
     caps = capabilities_of(s.network)
     accum = max(1, a.gradient_accumulation_steps)
     per_epoch = s.plan.batches_per_epoch
-    if acc.is_main_process and acc.trackers == [] and (a.log_with or a.logging_dir):
-        acc.init_trackers(a.log_tracker_name or "network_train", config=None)
+    init_trackers(acc, a, "network_train", config=_tracker_config(a))
     logger.info("training: %d steps, %d epochs, %d batches per epoch, %d process(es)", s.max_train_steps,
                 s.num_epochs, per_epoch, acc.num_processes)
     if progress.global_step == 0 and not a.resume:
@@ -158,7 +163,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
             bar.update(1)
             bar.set_postfix(avr_loss=f"{recorder.average:.4f}", loss=f"{loss_value:.4f}", lr=f"{lrs[-1]:.2e}")
             if acc.trackers:
-                acc.log({(a.log_prefix or "") + k: v for k, v in logs.items()}, step=progress.global_step)
+                acc.log(logs, step=progress.global_step)
             t.sample_images(s, progress.global_step, None)
             if policy.save_at_step(progress.global_step):
                 _save_at_step(t, s, progress, out_dir, policy)

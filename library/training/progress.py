@@ -60,3 +60,34 @@ class LossRecorder:
 
 def make_progress_bar(total: int, initial: int, enabled: bool) -> tqdm:
     return tqdm(total=total, initial=initial, smoothing=0, disable=not enabled, desc="steps", dynamic_ncols=True)
+
+
+def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | None:
+    """kohya's layout: each run logs into ``LOGGING_DIR/<log_prefix><YYYYmmddHHMMSS>``."""
+    import time
+
+    if not logging_dir:
+        return None
+    return f"{logging_dir}/{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime())}"
+
+
+def init_trackers(accelerator, args, default_name: str, config: dict | None = None) -> None:
+    """Start the trackers (main process), with kohya's ``--log_tracker_name``, ``--log_tracker_config``
+    (a TOML of per-tracker init kwargs), ``--wandb_run_name`` and ``--wandb_api_key``."""
+    if not accelerator.is_main_process or not (args.log_with or args.logging_dir):
+        return
+    init_kwargs: dict = {}
+    if getattr(args, "log_tracker_config", None):
+        import toml
+
+        try:
+            init_kwargs = toml.load(args.log_tracker_config)
+        except (OSError, toml.TomlDecodeError) as e:
+            raise ConfigError(f"--log_tracker_config {args.log_tracker_config}: cannot read it ({e})") from e
+    if getattr(args, "wandb_run_name", None):
+        init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+    if getattr(args, "wandb_api_key", None):
+        import wandb
+
+        wandb.login(key=args.wandb_api_key)
+    accelerator.init_trackers(args.log_tracker_name or default_name, config=config, init_kwargs=init_kwargs)

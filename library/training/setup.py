@@ -26,7 +26,7 @@ def make_accelerator(args: Any):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    from library.training.progress import resolve_trackers
+    from library.training.progress import resolve_trackers, run_logging_dir
 
     trackers = resolve_trackers(args.log_with, args.logging_dir)
     handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
@@ -35,7 +35,8 @@ def make_accelerator(args: Any):
 
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(cpu=cpu, mixed_precision=args.mixed_precision or "no", gradient_accumulation_steps=1,
-                       log_with=trackers or None, project_dir=args.logging_dir, kwargs_handlers=handlers)
+                       log_with=trackers or None,
+                       project_dir=run_logging_dir(args.logging_dir, args.log_prefix), kwargs_handlers=handlers)
 
 
 def check_args(args: Any) -> None:
