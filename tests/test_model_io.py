@@ -233,3 +233,10 @@ def test_interrupted_save_keeps_previous_file(tiny_model_dir, tmp_path, monkeypa
         save_single_file(model, dest)
     assert dest.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_v_parameterization_flag_overrides_embedded_config(tiny_model_dir):
+    m = load_models(str(tiny_model_dir("sd1", "single_file")), v_parameterization=True, with_tokenizers=False)
+    assert m.v_parameterization
+    assert m.scheduler_config["prediction_type"] == "v_prediction"
+    assert m.model_config["scheduler"]["prediction_type"] == "v_prediction"

@@ -147,6 +147,8 @@ def load_single_file(path: str, *, v2: bool = False, v_parameterization: bool = 
     if cfg is None:
         cfg = shipped_model_config(family, v_parameterization)
     v_param = v_parameterization or cfg["scheduler"].get("prediction_type") == "v_prediction"
+    if v_param:  # --v_parameterization overrides what an embedded config says
+        cfg["scheduler"]["prediction_type"] = "v_prediction"
     unet, vae, tes = _empty_models(cfg)
 
     _assign(unet, ol.unet_from_original(reader.read_prefix(ol.UNET_PREFIX, dtype), cfg["unet"]), "UNet", path)
