@@ -107,7 +107,10 @@ def run_loop(t: Any, s: Any) -> Path | None:
 
     a, acc = s.args, s.accelerator
     out_dir = t.check_output_dir()
-    policy = S.SavePolicy(a.save_every_n_epochs, a.save_every_n_steps, a.save_last_n_epochs, a.save_last_n_steps,
+    every_n_epochs = a.save_every_n_epochs
+    if a.save_n_epoch_ratio:  # kohya: save about N times over the run
+        every_n_epochs = math.floor(s.num_epochs / a.save_n_epoch_ratio) or 1
+    policy = S.SavePolicy(every_n_epochs, a.save_every_n_steps, a.save_last_n_epochs, a.save_last_n_steps,
                           a.save_last_n_epochs_state, a.save_last_n_steps_state, bool(a.save_state),
                           bool(a.save_state_on_train_end))
     progress = resume(s) if a.resume else Progress()
