@@ -265,7 +265,7 @@ def parse_args(script: str, argv: Sequence[str] | None = None) -> argparse.Names
     if problems:
         raise ConfigError(problems)
     args = argparse.Namespace(**values)
-    if args.output_config:
+    if getattr(args, "output_config", False):  # scripts without --output_config (gen_img)
         path = write_effective_config(args)
         logger.info("wrote the effective config to %s; exiting without training", path)
     return args

@@ -1,0 +1,264 @@
+"""Render a gen_img job with diffusers' pipelines: batches, seeds, img2img, negative scale, PNG metadata.
+
+sdtk encodes the prompts itself (weighting, long prompts, clip skip: see
+:mod:`library.inference.prompt_weighting`) and hands the embeddings to diffusers'
+``StableDiffusion[XL][Img2Img]Pipeline``, which does the sampling with the scheduler of
+``--sampler``. Each image has its own CPU ``torch.Generator`` seeded with its seed, so an image
+does not depend on the batch it was rendered in.
+
+``--negative_scale`` (kohya): the UNet is also run on the empty prompt ("real" unconditional
+``u``) and the guided prediction is ``u + scale * (c - u) - negative_scale * (n - u)`` with ``c``
+the prompt and ``n`` the negative prompt. diffusers' pipeline computes ``a + scale * (b - a)``
+from the two halves of the UNet batch; a hook around the UNet adds ``u`` to the batch and
+returns ``a = u`` and ``b = c - negative_scale / scale * (n - u)``, which gives kohya's formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from library.inference.networks import set_multipliers
+from library.inference.prompt_weighting import encode_prompts
+from library.inference.prompts import ImageTask, PromptOptions, batches
+from library.models.families import Family
+from library.training.family import Conditioning
+from library.training.sampling import make_scheduler
+from library.utils.atomic import atomic_write
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class JobSettings:
+    """Settings that are the same for every image of a job."""
+
+    outdir: Path
+    clip_skip: int | None = None
+    max_embeddings_multiples: int | None = None
+    emb_normalize_mode: str = "original"
+    batch_size: int = 1
+    sequential_file_name: bool = False
+    use_original_file_name: bool = False
+    steps_offset_zero: bool = False
+    # recorded in every PNG (model, networks, precision ...)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+def pipeline_for(model: Any, img2img: bool) -> Any:
+    """A diffusers pipeline over ``model``'s components (no safety checker, no watermark)."""
+    import diffusers
+
+    sdxl = model.family is Family.SDXL
+    name = ("StableDiffusionXL" if sdxl else "StableDiffusion") + ("Img2Img" if img2img else "") + "Pipeline"
+    cls = getattr(diffusers, name)
+    parts: dict[str, Any] = dict(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
+                                 unet=model.unet, scheduler=make_scheduler("ddim", model.scheduler_config))
+    if sdxl:
+        parts.update(text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1])
+    params = inspect.signature(cls.__init__).parameters
+    optional = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, image_encoder=None,
+                    add_watermarker=False)
+    parts.update({k: v for k, v in optional.items() if k in params})
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def negative_scale_hook(unet: torch.nn.Module, real_uncond: Conditioning, scale: float,
+                        negative_scale: float) -> Iterator[None]:
+    """Run the UNet also on the empty prompt and fold kohya's negative scale in (see module doc).
+
+    Args:
+        real_uncond: the empty prompt's embeddings, ``hidden_states`` ``[B, L, D]`` (+ ``pooled``).
+    """
+
+    def pre(module, args, kwargs):
+        kw = {**dict(zip(("sample", "timestep", "encoder_hidden_states"), args)), **kwargs}
+        sample = kw["sample"]
+        b = sample.shape[0] // 2  # the pipeline's batch: [negative prompt, prompt]
+        kw["sample"] = torch.cat([sample, sample[:b]])
+        t = kw["timestep"]
+        if torch.is_tensor(t) and t.ndim == 1 and t.shape[0] == 2 * b:
+            kw["timestep"] = torch.cat([t, t[:b]])
+        ehs = kw["encoder_hidden_states"]
+        kw["encoder_hidden_states"] = torch.cat([ehs, real_uncond.hidden_states.to(ehs.device, ehs.dtype)])
+        added = kw.get("added_cond_kwargs")
+        if added:
+            pooled = real_uncond.pooled.to(added["text_embeds"].device, added["text_embeds"].dtype)
+            kw["added_cond_kwargs"] = {**added, "text_embeds": torch.cat([added["text_embeds"], pooled]),
+                                       "time_ids": torch.cat([added["time_ids"], added["time_ids"][:b]])}
+        return (), kw
+
+    def post(module, args, kwargs, output):
+        pred = output[0] if isinstance(output, tuple) else output.sample
+        neg, cond, uncond = pred.chunk(3)
+        folded = torch.cat([uncond, cond - (negative_scale / scale) * (neg - uncond)])
+        if isinstance(output, tuple):
+            return (folded, *output[1:])
+        output.sample = folded
+        return output
+
+    handles = [unet.register_forward_pre_hook(pre, with_kwargs=True),
+               unet.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _sdxl_sizes(o: PromptOptions) -> dict[str, Any]:
+    """diffusers' SDXL size/crop conditioning for kohya's --original_* / --crop_* (defaults as kohya)."""
+    orig = (o.original_height or o.height, o.original_width or o.width)
+    crop = (o.crop_top or 0, o.crop_left or 0)
+    kw: dict[str, Any] = dict(original_size=orig, crops_coords_top_left=crop, target_size=(o.height, o.width))
+    if o.original_width_negative or o.original_height_negative:
+        kw.update(negative_original_size=(o.original_height_negative or orig[0], o.original_width_negative or orig[1]),
+                  negative_crops_coords_top_left=crop, negative_target_size=(o.height, o.width))
+    return kw
+
+
+def _load_init_image(path: str, width: int, height: int):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        return im if im.size == (width, height) else im.resize((width, height), Image.LANCZOS)
+
+
+@torch.no_grad()
+def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], settings: JobSettings) -> list:
+    """Render one batch (all tasks share their settings); returns PIL images."""
+    o = batch[0].options
+    img2img = batch[0].init_image is not None
+    if img2img not in pipes:
+        pipes[img2img] = pipeline_for(model, img2img)
+    pipe = pipes[img2img]
+    sched_cfg = dict(model.scheduler_config)
+    if settings.steps_offset_zero:
+        sched_cfg["steps_offset"] = 0
+    pipe.scheduler = make_scheduler(o.sampler, sched_cfg)
+    guided = o.scale > 1.0
+    negative_scale = o.negative_scale if guided else None
+    if o.negative_scale is not None and not guided:
+        logger.warning("--negative_scale has no effect when the guidance scale is 1 or less")
+    b = len(batch)
+    texts = [t.options.prompt for t in batch] + [t.options.negative_prompt for t in batch]
+    texts += [""] * b if negative_scale is not None else []
+    enc = encode_prompts(model.family, model.text_encoders, model.tokenizers, texts,
+                         max_embeddings_multiples=settings.max_embeddings_multiples, clip_skip=settings.clip_skip,
+                         emb_normalize_mode=settings.emb_normalize_mode)
+    dtype = model.unet.dtype
+    part = lambda t, i: None if t is None else t[i * b:(i + 1) * b].to(dtype)  # noqa: E731
+    kw: dict[str, Any] = dict(prompt_embeds=part(enc.hidden_states, 0), num_inference_steps=o.steps,
+                              guidance_scale=o.scale, output_type="pil",
+                              generator=[torch.Generator("cpu").manual_seed(t.seed) for t in batch])
+    if guided:
+        kw["negative_prompt_embeds"] = part(enc.hidden_states, 1)
+    if model.family is Family.SDXL:
+        kw["pooled_prompt_embeds"] = part(enc.pooled, 0)
+        if guided:
+            kw["negative_pooled_prompt_embeds"] = part(enc.pooled, 1)
+        kw.update(_sdxl_sizes(o))
+    if img2img:
+        kw.update(image=[_load_init_image(t.init_image, o.width, o.height) for t in batch], strength=o.strength)
+    else:
+        kw.update(width=o.width, height=o.height)
+    hook = contextlib.nullcontext()
+    if negative_scale is not None:
+        real = Conditioning(part(enc.hidden_states, 2), part(enc.pooled, 2))
+        hook = negative_scale_hook(model.unet, real, o.scale, negative_scale)
+    with hook:
+        return pipe(**kw).images
+
+
+def png_info(task: ImageTask, settings: JobSettings, sdxl: bool):
+    """kohya's PNG text chunks, an A1111-style ``parameters`` chunk and every setting as ``sdtk`` JSON."""
+    from PIL.PngImagePlugin import PngInfo
+
+    o = task.options
+    info = PngInfo()
+    chunks = {"prompt": o.prompt, "seed": task.seed, "sampler": o.sampler, "steps": o.steps, "scale": o.scale,
+              "negative-prompt": o.negative_prompt}
+    if o.negative_scale is not None:
+        chunks["negative-scale"] = o.negative_scale
+    if sdxl:
+        chunks.update({"original-height": o.original_height or o.height, "original-width": o.original_width or o.width,
+                       "original-height-negative": o.original_height_negative or o.original_height or o.height,
+                       "original-width-negative": o.original_width_negative or o.original_width or o.width,
+                       "crop-top": o.crop_top or 0, "crop-left": o.crop_left or 0})
+    for k, v in chunks.items():
+        info.add_text(k, str(v))
+    a1111 = o.prompt + (f"\nNegative prompt: {o.negative_prompt}" if o.negative_prompt else "")
+    a1111 += f"\nSteps: {o.steps}, Sampler: {o.sampler}, CFG scale: {o.scale}, Seed: {task.seed}, " \
+             f"Size: {o.width}x{o.height}"
+    if task.init_image is not None:
+        a1111 += f", Denoising strength: {o.strength}"
+    info.add_text("parameters", a1111)
+    everything = {k: v for k, v in o.__dict__.items() if v is not None}
+    everything.update(seed=task.seed, init_image=task.init_image, clip_skip=settings.clip_skip,
+                      max_embeddings_multiples=settings.max_embeddings_multiples,
+                      emb_normalize_mode=settings.emb_normalize_mode, **settings.record)
+    if task.init_image is None:
+        everything.pop("strength", None)
+    info.add_text("sdtk", json.dumps(everything, default=str))
+    return info
+
+
+def _file_name(task: ImageTask, i_in_batch: int, settings: JobSettings, stamp: str) -> str:
+    if settings.use_original_file_name and task.init_image is not None:
+        return Path(task.init_image).stem + ".png"
+    if settings.sequential_file_name:
+        return f"im_{task.index + 1:06d}.png"
+    return f"im_{stamp}_{i_in_batch:03d}_{task.seed}.png"
+
+
+def _free_path(folder: Path, name: str) -> Path:
+    """``name`` in ``folder``, or ``stem_1.png``, ``stem_2.png``... if taken (never overwrite an image)."""
+    path = folder / name
+    n = 1
+    while path.exists():
+        path = folder / f"{Path(name).stem}_{n}{Path(name).suffix}"
+        n += 1
+    return path
+
+
+def run_job(model: Any, tasks: list[ImageTask], settings: JobSettings, networks: list | None = None,
+            default_muls: list[float] | None = None) -> list[Path]:
+    """Render and save every task (one progress bar over the whole job); returns the written files.
+
+    Args:
+        networks: hooked networks; a prompt's ``--am`` sets their multipliers for its images
+            (missing values repeat the last one), other prompts use ``default_muls``.
+    """
+    from tqdm import tqdm
+
+    settings.outdir.mkdir(parents=True, exist_ok=True)
+    pipes: dict[bool, Any] = {}
+    written: list[Path] = []
+    sdxl = model.family is Family.SDXL
+    with tqdm(total=len(tasks), desc="generating", unit="img") as bar:
+        for batch in batches(tasks, settings.batch_size):
+            muls = batch[0].options.network_muls
+            if networks and (muls or default_muls):
+                muls = list(muls) + [muls[-1]] * (len(networks) - len(muls)) if muls else default_muls
+                set_multipliers(networks, muls)
+            images = render_batch(model, pipes, batch, settings)
+            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+            for i, (task, image) in enumerate(zip(batch, images)):
+                path = _free_path(settings.outdir, _file_name(task, i, settings, stamp))
+                info = png_info(task, settings, sdxl)
+                atomic_write(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
+                written.append(path)
+            bar.update(len(batch))
+    return written
