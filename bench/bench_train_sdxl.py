@@ -34,8 +34,12 @@ sys.path.insert(0, str(ROOT))
 KOHYA = {"s_per_step": 15.0, "peak_rss_mb": 12952}
 
 
-def build_model():
-    """The random-weight benchmark model as a ``LoadedModel`` (full-size UNet, small TEs and VAE)."""
+def build_model(unet_dtype=None):
+    """The random-weight benchmark model as a ``LoadedModel`` (full-size UNet, small TEs and VAE).
+
+    ``unet_dtype`` (e.g. bfloat16 for the ``--fp8_base`` runs) builds the UNet's weights directly in
+    that dtype, as loading a bf16/fp16 checkpoint in its own dtype would; default float32.
+    """
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -46,7 +50,12 @@ def build_model():
 
     torch.manual_seed(0)
     cfg = shipped_model_config(Family.SDXL)
-    unet = UNet2DConditionModel(**cfg["unet"])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(unet_dtype or torch.float32)
+    try:
+        unet = UNet2DConditionModel(**cfg["unet"])
+    finally:
+        torch.set_default_dtype(default)
     tok1, tok2 = tiny_tokenizer(), tiny_tokenizer(pad_token="!")
 
     def te(cls, tok, width, layers, heads):
@@ -80,25 +89,47 @@ def child(argv: list[str], result_path: Path) -> int:
     from library.config.args import parse_args
     from train_network import configure_logging
 
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []  # (wall, process CPU) at the end of each step
+    rss: dict[str, float] = {}
+
+    def peak_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def vm_hwm_mb() -> float:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def write() -> None:  # after every step, so a run cut short still reports its steps
+        steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])]
+        cpu = [b[1] - a[1] for a, b in zip(marks, marks[1:])]
+        result_path.write_text(json.dumps({"step_seconds": steps, "step_cpu_seconds": cpu, "peak_rss_mb": peak_mb(),
+                                           "peak_rss_mb_at": rss}))
 
     class BenchTrainer(script.SdxlNetworkTrainer):
         def load_model(self):
-            return build_model()
+            model = build_model(torch.bfloat16 if self.args.fp8_base else None)
+            rss["after_model_build"] = peak_mb()
+            return model
 
         def sample_images(self, s, steps, epoch):  # the loop calls this after every optimizer step
             if epoch is None:
-                marks.append(time.perf_counter())
+                marks.append((time.perf_counter(), time.process_time()))
+                if "before_step_1" not in rss:
+                    rss["before_step_1"] = peak_mb()
+                    # reset the kernel's peak-RSS mark (VmHWM): training's own peak is read at the end
+                    Path("/proc/self/clear_refs").write_text("5")
+                rss["training_peak"] = vm_hwm_mb()
+                write()
+
+    import torch
 
     args = parse_args(script.SCRIPT, argv)
     configure_logging(args)
-    start = time.perf_counter()
-    BenchTrainer(args).train()
-    # marks[0] is the call before training (step 0); marks[i] ends step i
-    steps = [b - a for a, b in zip(marks, marks[1:])]
-    result = {"step_seconds": steps, "total_seconds": time.perf_counter() - start,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    result_path.write_text(json.dumps(result))
+    BenchTrainer(args).train()  # marks[0] is the call before training (step 0); marks[i] ends step i
+    rss["training_peak"] = vm_hwm_mb()
+    write()
     return 0
 
 
@@ -127,15 +158,20 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if proc.returncode != 0:
             print(f"error: the training process failed with code {proc.returncode}", file=sys.stderr)
-            return 1
+            if not result_file.is_file() or len(json.loads(result_file.read_text())["step_seconds"]) < 2:
+                return 1
         r = json.loads(result_file.read_text())
         steps = r["step_seconds"][1:]  # steps 2..N
         s_per_step = sum(steps) / len(steps)
+        cpu_steps = r["step_cpu_seconds"][1:]
         summary = {
             "s_per_step_2_to_n": round(s_per_step, 2), "peak_rss_mb": round(r["peak_rss_mb"]),
             "time_vs_kohya": round(s_per_step / KOHYA["s_per_step"], 2),
             "rss_vs_kohya": round(r["peak_rss_mb"] / KOHYA["peak_rss_mb"], 2),
+            "steps_done": len(r["step_seconds"]), "complete": proc.returncode == 0,
+            "cpu_s_per_step_2_to_n": round(sum(cpu_steps) / len(cpu_steps), 2),
             "step_seconds": [round(x, 2) for x in r["step_seconds"]], "extra_flags": opts.extra,
+            "peak_rss_mb_at": {k: round(v) for k, v in r["peak_rss_mb_at"].items()},
             "load_avg_before": [round(x, 2) for x in load_before],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count(),
         }

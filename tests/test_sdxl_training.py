@@ -102,7 +102,10 @@ def test_cached_text_encoder_outputs_train_like_live_encoding(tiny_model_dir, da
 
 def test_low_memory_recipe_trains(tiny_model_dir, data, tmp_path):
     pytest.importorskip("bitsandbytes")
-    argv = train_argv(tiny_model_dir("sdxl"), data, tmp_path / "out", "--network_train_unet_only", "--cache_latents",
+    # a single file (loaded in its own dtype with --fp8_base), as users' checkpoints come
+    model = tiny_model_dir("sdxl", "single_file")
+    argv = train_argv(model, data, tmp_path / "out", "--tokenizer_cache_dir", str(model.parent / f"{model.stem}_tokenizers"),
+                      "--network_train_unet_only", "--cache_latents",
                       "--cache_text_encoder_outputs", "--gradient_checkpointing", "--fp8_base",
                       "--optimizer_type", "AdamW8bit", "--lowram", "--no_half_vae", steps=2, name="low")
     assert run_sdxl(argv) == 0

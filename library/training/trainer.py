@@ -81,8 +81,12 @@ class NetworkTrainer:
         from library.models.loading import load_models
 
         a = self.args
+        # --fp8_base: keep the file's dtype (no float32 copy of the UNet in RAM); the UNet is quantized
+        # from it and setup casts everything else to its training dtype anyway
+        fp8 = a.fp8_base or getattr(a, "fp8_base_unet", False)
         return load_models(a.pretrained_model_name_or_path, v2=bool(a.v2), v_parameterization=bool(a.v_parameterization),
-                           vae=a.vae, tokenizer_cache_dir=a.tokenizer_cache_dir, expected=self.expected_families())
+                           vae=a.vae, tokenizer_cache_dir=a.tokenizer_cache_dir, expected=self.expected_families(),
+                           dtype=None if fp8 else torch.float32)
 
     def preflight(self) -> None:
         """Hook: checks that need neither the model nor the data (run before anything is loaded)."""
