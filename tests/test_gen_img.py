@@ -132,7 +132,7 @@ def test_png_text_chunks_long_prompt_and_from_file(tiny_model_dir, tmp_path):
     path = tiny_model_dir("sd1")
     long_prompt = ", ".join(["a photo of a red cat"] * 20)  # 120 tokens
     prompts = tmp_path / "p.txt"
-    prompts.write_text(f"# comment\n{long_prompt} --n blurry --d 4 --s 2 --ss euler_a\n(sky:1.2) --d 6\n")
+    prompts.write_text(f"# comment\n{long_prompt} --n blurry --d 4 --s 2 --ss euler_a\n(sky:1.2) --d 6 --n dog --nl 2\n")
     lora = _make_lora(path, tmp_path / "l.safetensors", 3)
     rc = gen_img.main(["--ckpt", str(path), "--from_file", str(prompts), "--W", "64", "--H", "64", "--steps", "3",
                        "--max_embeddings_multiples", "2", "--emb_normalize_mode", "none", "--outdir",
@@ -149,6 +149,7 @@ def test_png_text_chunks_long_prompt_and_from_file(tiny_model_dir, tmp_path):
     assert meta["networks"] == [{"file": "l.safetensors", "module": "networks.lora", "multiplier": 0.5,
                                  "merged": False}]
     assert second.text["prompt"] == "(sky:1.2)" and second.text["steps"] == "3" and second.text["sampler"] == "ddim"
+    assert second.text["negative-scale"] == "2.0" and "negative-scale" not in t
 
 
 def test_negative_scale_hook_gives_kohyas_formula(tiny_model_dir):
@@ -189,6 +190,31 @@ def test_parse_prompt_attention(text, expected):
     got = pw.parse_prompt_attention(text)
     assert [t for t, _ in got] == [t for t, _ in expected]
     assert [w for _, w in got] == pytest.approx([w for _, w in expected])
+
+
+@pytest.mark.parametrize("family,clip_skip,diffusers_clip_skip", [("sd1", 2, 1), ("sd1", None, None),
+                                                                   ("sdxl", None, None), ("sdxl", 3, 1)])
+def test_clip_skip_matches_diffusers_encode_prompt(tiny_model_dir, family, clip_skip, diffusers_clip_skip):
+    """kohya counts clip skip from 1 (last layer); diffusers from 0. SDXL's default is the penultimate layer."""
+    path = tiny_model_dir(family)
+    pipe = _diffusers(path, family, "DDIMScheduler")
+    from library.models.loading import load_models
+
+    m = load_models(str(path))
+    enc = pw.encode_prompts(m.family, m.text_encoders, m.tokenizers, ["a photo of a cat"], clip_skip=clip_skip)
+    with torch.no_grad():
+        if family == "sd1" and clip_skip:
+            # diffusers' own SD clip skip reads text_encoder.text_model, which transformers 5 removed:
+            # the reference is its formula, final layer norm of hidden_states[-(clip_skip + 1)]
+            te = pipe.text_encoder
+            ids = pipe.tokenizer("a photo of a cat", padding="max_length", max_length=77, return_tensors="pt").input_ids
+            ref = [te.final_layer_norm(te(ids, output_hidden_states=True).hidden_states[-(diffusers_clip_skip + 1)])]
+        else:
+            ref = pipe.encode_prompt("a photo of a cat", device="cpu", num_images_per_prompt=1,
+                                     do_classifier_free_guidance=False, clip_skip=diffusers_clip_skip)
+    torch.testing.assert_close(enc.hidden_states, ref[0])
+    if family == "sdxl":
+        torch.testing.assert_close(enc.pooled, ref[2])
 
 
 def test_weighted_encoding_and_long_prompts(tiny_model_dir):
@@ -238,6 +264,8 @@ def test_inline_options_seeds_and_batches():
         parse_prompt("a cat --f name.png", d)
     with pytest.raises(ConfigError, match="not understood"):
         parse_prompt("a cat --zz 3", d)
+    with pytest.raises(ConfigError, match="dynamic prompt"):
+        parse_prompt("a {red|blue} cat", d)
     with pytest.raises(ConfigError, match="unknown sampler"):
         parse_prompt("a cat --ss bogus", d)
     # seeds: given ones first (the last repeats), --seed alone for one image, else a seeded generator

@@ -6,7 +6,7 @@ options (case-insensitive, as kohya): ``n`` negative prompt, ``w`` / ``h`` size,
 seeds), ``l`` guidance scale, ``nl`` negative scale (``none`` to disable), ``t`` img2img
 strength, ``ss`` sampler (sdtk addition, as in training sample prompts), ``am`` network
 multipliers, and for SDXL ``ow`` / ``oh`` / ``nw`` / ``nh`` / ``ct`` / ``cl`` size conditioning.
-kohya's other options are rejected with an error rather than ignored.
+kohya's other options, and dynamic prompts ``{a|b}``, are rejected with an error rather than ignored.
 
 Seeds follow kohya: with ``--seed``, one prompt and one image per prompt, that seed is used; otherwise
 ``--seed`` seeds the generator that draws each image's seed (0 .. 2^32-1), so a job is
@@ -84,6 +84,9 @@ def parse_prompt(line: str, defaults: PromptOptions, where: str = "--prompt") ->
     """
     from library.training.sampling import SAMPLERS
 
+    if re.search(r"\{[^{}]*\|[^{}]*\}", line):
+        raise ConfigError(f"{where}: dynamic prompt variants {{a|b}} are not supported by sdtk; "
+                          "write each variant on its own line of a --from_file file")
     parts = line.strip().split(" --")
     changes: dict[str, Any] = {"prompt": parts[0].strip()}
     for part in parts[1:]:
