@@ -288,8 +288,9 @@ def test_gui_style_off_values_are_accepted_for_unimplemented_flags(tmp_path):
                    'min_snr_gamma = 0\n')
     ns = A.parse_args("train_network", ["--config_file", str(cfg)])
     # a flag sdtk does not implement always holds its default in the namespace
-    assert ns.multires_noise_iterations is None and ns.max_timestep is None and ns.lr_scheduler_args is None
-    assert ns.min_snr_gamma == 0  # implemented: kept as given (0 = off, as in kohya)
-    cfg.write_text("multires_noise_iterations = 6\n")
-    with pytest.raises(ConfigError, match="--multires_noise_iterations is not supported by sdtk"):
+    assert ns.log_tracker_config is None and ns.deepspeed is False
+    # implemented: kept as given (0 = off, as in kohya)
+    assert ns.min_snr_gamma == 0 and ns.multires_noise_iterations == 0 and ns.max_timestep == 1000
+    cfg.write_text("debug_dataset = true\n")
+    with pytest.raises(ConfigError, match="--debug_dataset is not supported by sdtk"):
         A.parse_args("train_network", ["--config_file", str(cfg)])

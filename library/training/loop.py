@@ -19,8 +19,10 @@ from library.errors import TrainingError
 from library.training import noise as N
 from library.training import saving as S
 from library.training.data import iterate_epoch
+from library.training.optimizers import eval_mode, set_train_mode
 from library.training.progress import LossRecorder, init_trackers, make_progress_bar
 from library.training.state import Progress, TrainState, capture_rng, load_state, restore_rng, save_state
+from library.training.validation import Validator, should_validate_epoch, should_validate_step
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,9 @@ def run_loop(t: Any, s: Any) -> Path | None:
                           a.save_last_n_epochs_state, a.save_last_n_steps_state, bool(a.save_state),
                           bool(a.save_state_on_train_end))
     progress = resume(s) if a.resume else Progress()
+    set_train_mode(s.optimizer, True)  # schedule-free: a state may have been saved in eval mode
+    validator = Validator.create(t, s)
+    val_loss: float | None = None
     caps = capabilities_of(s.network)
     accum = max(1, a.gradient_accumulation_steps)
     per_epoch = s.plan.batches_per_epoch
@@ -163,8 +168,13 @@ def run_loop(t: Any, s: Any) -> Path | None:
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
             lrs = s.lr_scheduler.get_last_lr()
             logs.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+            if validator is not None and should_validate_step(progress.global_step, a.validate_every_n_steps):
+                val_loss = validator.evaluate(t, s)
+                logs.update({"loss/validation/step_average": val_loss,
+                             "loss/validation/step_divergence": val_loss - recorder.average})
             bar.update(1)
-            bar.set_postfix(avr_loss=f"{recorder.average:.4f}", loss=f"{loss_value:.4f}", lr=f"{lrs[-1]:.2e}")
+            bar.set_postfix(avr_loss=f"{recorder.average:.4f}", loss=f"{loss_value:.4f}", lr=f"{lrs[-1]:.2e}",
+                            **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
             if acc.trackers:
                 acc.log(logs, step=progress.global_step)
             t.sample_images(s, progress.global_step, None)
@@ -175,8 +185,14 @@ def run_loop(t: Any, s: Any) -> Path | None:
                 break
         if finished_epoch and progress.batch_in_epoch == 0:
             done_epoch = progress.epoch  # 1-based number of the epoch just completed
+            epoch_logs = {"loss/epoch": recorder.average}
+            if validator is not None and should_validate_epoch(done_epoch, a.validate_every_n_epochs):
+                val_loss = validator.evaluate(t, s)
+                epoch_logs.update({"loss/validation/epoch_average": val_loss,
+                                   "loss/validation/epoch_divergence": val_loss - recorder.average})
+                logger.info("epoch %d: validation loss %.4f", done_epoch, val_loss)
             if acc.trackers:
-                acc.log({"loss/epoch": recorder.average}, step=progress.global_step)
+                acc.log(epoch_logs, step=progress.global_step)
             if policy.save_at_epoch(done_epoch, s.num_epochs):
                 _save_at_epoch(t, s, progress, out_dir, policy, done_epoch)
             t.sample_images(s, progress.global_step, done_epoch)
@@ -193,7 +209,8 @@ def run_loop(t: Any, s: Any) -> Path | None:
 
 def _write_state(s: Any, progress: Progress, folder: Path) -> None:
     if s.accelerator.is_main_process:
-        save_state(folder, make_state(s, progress))
+        with eval_mode(s.optimizer):  # schedule-free: the evaluation weights, as kohya saves them
+            save_state(folder, make_state(s, progress))
     s.accelerator.wait_for_everyone()
 
 

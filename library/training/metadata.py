@@ -40,6 +40,17 @@ _ARG_KEYS = (
     ("ss_max_validation_steps", "max_validation_steps"), ("ss_validate_every_n_epochs", "validate_every_n_epochs"),
     ("ss_validate_every_n_steps", "validate_every_n_steps"), ("ss_resize_interpolation", "resize_interpolation"),
 )
+# options kohya does not record: sdtk's own keys, written only when set to something but "off"
+# (key, args attribute, the value meaning off)
+_ACTIVE_ONLY_KEYS = (
+    ("ss_masked_loss", "masked_loss", False), ("ss_v_pred_like_loss", "v_pred_like_loss", 0),
+    ("ss_scale_v_pred_loss_like_noise_pred", "scale_v_pred_loss_like_noise_pred", False),
+    ("ss_min_timestep", "min_timestep", None), ("ss_max_timestep", "max_timestep", None),
+    ("ss_base_weights", "base_weights", None), ("ss_base_weights_multiplier", "base_weights_multiplier", None),
+    ("ss_lr_decay_steps", "lr_decay_steps", 0), ("ss_lr_scheduler_num_cycles", "lr_scheduler_num_cycles", 1),
+    ("ss_lr_scheduler_power", "lr_scheduler_power", 1), ("ss_lr_scheduler_min_lr_ratio", "lr_scheduler_min_lr_ratio", None),
+    ("ss_lr_scheduler_type", "lr_scheduler_type", ""), ("ss_lr_scheduler_args", "lr_scheduler_args", None),
+)
 _BOOL_KEYS = (("ss_full_fp16", "full_fp16"), ("ss_v2", "v2"), ("ss_cache_latents", "cache_latents"),
               ("ss_debiased_estimation", "debiased_estimation_loss"), ("ss_fp8_base", "fp8_base"),
               ("ss_fp8_base_unet", "fp8_base_unet"))
@@ -61,6 +72,10 @@ def build_training_metadata(args: Namespace, *, session_id: int, started_at: flo
         md[key] = getattr(args, attr, None)
     for key, attr in _BOOL_KEYS:
         md[key] = bool(getattr(args, attr, False))
+    for key, attr, off in _ACTIVE_ONLY_KEYS:
+        value = getattr(args, attr, None)
+        if value is not None and value != off and value not in ("", []):
+            md[key] = value
     md.update(
         ss_text_encoder_lr=text_encoder_lr,
         ss_num_batches_per_epoch=num_batches_per_epoch,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from library.errors import ConfigError, TrainingError
+from library.training import noise as N
 from library.training.data import ShardedPlan
 from library.training.lr_schedulers import build_lr_scheduler
 from library.training.optimizers import build_optimizer
@@ -52,6 +53,9 @@ def check_args(args: Any) -> None:
         problems.append("--xformers needs a CUDA GPU (and the xformers package); on this machine use --sdpa")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
+    from library.training.step import check_loss_and_noise_args
+
+    problems += check_loss_and_noise_args(args)
     if problems:
         raise ConfigError(problems)
 
@@ -122,6 +126,11 @@ def setup_session(t: NetworkTrainer) -> Session:
     weight_dtype = t.weight_dtype()
 
     model = t.load_model()
+    if getattr(a, "base_weights", None):  # before fp8 / device moves; merged weights keep their dtype
+        from library.training.base_weights import merge_base_weights
+
+        merge_base_weights(t.import_network_module(), model, a.base_weights, a.base_weights_multiplier,
+                           None, acc.device if a.lowram else "cpu")
     t.prepare_base_model(model, acc)
     family = t.family_adapter(model.family)
     v_prediction = bool(a.v_parameterization or getattr(model, "v_parameterization", False))
@@ -160,9 +169,18 @@ def setup_session(t: NetworkTrainer) -> Session:
         max_steps = a.max_train_steps
     group.set_max_train_steps(max_steps)
     opt_name, opt_args, optimizer = build_optimizer(a.optimizer_type, groups, a.learning_rate, a.optimizer_args,
-                                                    bool(getattr(a, "use_8bit_adam", False)))
+                                                    bool(getattr(a, "use_8bit_adam", False)),
+                                                    bool(getattr(a, "use_lion_optimizer", False)))
+    from library.training.optimizers import is_schedule_free
+
     scheduler = build_lr_scheduler(optimizer, a.lr_scheduler, max_steps, a.lr_warmup_steps,
-                                   a.lr_scheduler_num_cycles, a.lr_scheduler_power)
+                                   a.lr_scheduler_num_cycles, a.lr_scheduler_power,
+                                   decay_steps=getattr(a, "lr_decay_steps", 0),
+                                   min_lr_ratio=getattr(a, "lr_scheduler_min_lr_ratio", None),
+                                   timescale=getattr(a, "lr_scheduler_timescale", None),
+                                   scheduler_type=getattr(a, "lr_scheduler_type", None),
+                                   scheduler_args=getattr(a, "lr_scheduler_args", None),
+                                   schedule_free=is_schedule_free(a.optimizer_type))
     optimizer = acc.prepare(optimizer)  # grad scaler for fp16; devices are handled here, not by accelerate
     if a.full_fp16:
         _allow_fp16_unscale(acc)
@@ -173,7 +191,7 @@ def setup_session(t: NetworkTrainer) -> Session:
     s = Session(args=a, accelerator=acc, family=family, model=model, network=network, net_kwargs=net_kwargs,
                 optimizer=optimizer, lr_scheduler=scheduler, plan=plan, group=group, seed=seed,
                 weight_dtype=weight_dtype, train_unet=train_unet, train_text_encoder=train_te,
-                alphas_cumprod=noise_sched.alphas_cumprod.float(), v_prediction=v_prediction,
+                alphas_cumprod=N.training_alphas_cumprod(noise_sched.betas, bool(a.zero_terminal_snr)), v_prediction=v_prediction,
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
                 save_dtype=t.save_dtype(), trainable_params=params)
     s.metadata = build_session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))

@@ -23,7 +23,6 @@ import torch
 
 from library.errors import ConfigError, ModelSaveError, TrainingError
 from library.models.families import Family
-from library.training import loss as L
 from library.training import noise as N
 from library.training.family import Conditioning, FamilyAdapter, get_family_adapter
 
@@ -205,32 +204,24 @@ class NetworkTrainer:
         return latents.float() * scale
 
     def compute_loss(self, s: Session, batch: dict[str, Any], gens: list[torch.Generator], n_real: int,
-                     global_size: int) -> torch.Tensor:
+                     global_size: int, fixed_timestep: int | None = None) -> torch.Tensor:
         """This process's share of the global batch's mean loss (a scalar with grad).
 
         Dividing the per-sample sum by ``global_size`` and summing the gradients over processes
-        gives exactly the gradient of the global mean, whatever the split.
+        gives exactly the gradient of the global mean, whatever the split. The noise, timestep
+        and loss flags are applied by :mod:`library.training.step`; ``fixed_timestep`` (the
+        validation loss) replaces the sampled timesteps.
         """
+        from library.training.step import noise_and_timesteps, step_loss
+
         a = self.args
         latents = self.batch_latents(s, batch, gens)
         cond = self.encode_text(s, batch)
-        noise = N.make_noise(latents, gens, a.noise_offset, bool(a.noise_offset_random_strength))
-        timesteps = N.sample_timesteps(gens, a.min_timestep, a.max_timestep,
-                                       len(s.alphas_cumprod)).to(latents.device)
-        noisy = N.add_noise(s.alphas_cumprod, latents, noise, timesteps)
+        noise, noisy, timesteps = noise_and_timesteps(a, s.alphas_cumprod, latents, gens, fixed_timestep)
         with s.accelerator.autocast():
             pred = s.family.predict(s.model.unet, noisy.to(s.weight_dtype), timesteps, cond, batch)
         target = N.velocity(s.alphas_cumprod, latents, noise, timesteps) if s.v_prediction else noise
-        loss = L.elementwise_loss(pred, target, a.loss_type or "l2")
-        if a.masked_loss and batch.get("alpha_masks") is not None:
-            loss = L.apply_masks(loss, batch["alpha_masks"].to(loss.device))
-        per_sample = loss.mean(dim=(1, 2, 3))
-        weights = L.prior_loss_weights(batch["is_reg"], batch.get("loss_weights"), a.prior_loss_weight)
-        if a.min_snr_gamma:
-            weights = weights * L.min_snr_weight(N.snr(s.alphas_cumprod, timesteps.cpu()), a.min_snr_gamma,
-                                                 s.v_prediction)
-        weights[n_real:] = 0.0  # padding samples of an uneven last batch
-        return (per_sample * weights.to(per_sample)).sum() / global_size
+        return step_loss(a, pred, target, timesteps, s.alphas_cumprod, s.v_prediction, batch, n_real, global_size)
 
     # ------------------------------------------------------------------ orchestration
     def train(self) -> Path | None:
@@ -270,17 +261,19 @@ class NetworkTrainer:
     def save_network(self, s: Session, path: Path, steps: int, epoch: int) -> None:
         """Write the network with its metadata atomically (main process only; others wait)."""
         from library.training.metadata_setup import metadata_for_save
+        from library.training.optimizers import eval_mode
         from library.utils.atomic import atomic_path
 
         if s.accelerator.is_main_process:
             md = metadata_for_save(s, steps, epoch)
-            with atomic_path(path) as tmp:
+            with atomic_path(path) as tmp, eval_mode(s.optimizer):  # schedule-free: save the evaluation weights
                 s.network.save_weights(str(tmp), s.save_dtype, md)
             logger.info("saved %s", path)
         s.accelerator.wait_for_everyone()
 
     def sample_images(self, s: Session, steps: int, epoch: int | None) -> None:
         """Render ``--sample_prompts`` when kohya's cadence says so."""
+        from library.training.optimizers import eval_mode
         from library.training.sampling import sample_during_training, should_sample
 
         a = self.args
@@ -289,7 +282,7 @@ class NetworkTrainer:
                                                      at_first=bool(a.sample_at_first)):
             return
         if s.accelerator.is_main_process:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(s.optimizer):  # schedule-free: sample with the evaluation weights
                 sample_during_training(s, steps, epoch)
         s.accelerator.wait_for_everyone()
 

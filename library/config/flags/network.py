@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, TODO, F, at_least, between, in_group, key_values, non_negative
+from library.config.flags.base import DONE, F, at_least, between, in_group, key_values, non_negative
 
 FLAGS = in_group("network", [
     F("--network_module", str, None, DONE,
@@ -29,12 +29,12 @@ FLAGS = in_group("network", [
     F("--text_encoder_lr", float, None, DONE,
       "Learning rate of the text-encoder modules (default: --learning_rate); for SDXL two "
       "values set text encoder 1 and 2 separately.", nargs="*", check=non_negative),
-    F("--scale_weight_norms", float, None, TODO,
+    F("--scale_weight_norms", float, None, DONE,
       "Max-norm regularization: rescale LoRA weights whose norm exceeds this (1 typical; 0 = off).",
       check=non_negative, off=(0.0,)),
-    F("--base_weights", str, None, TODO,
+    F("--base_weights", str, None, DONE,
       "Network files merged into the base model before training.", nargs="*"),
-    F("--base_weights_multiplier", float, None, TODO,
+    F("--base_weights_multiplier", float, None, DONE,
       "Multiplier of each --base_weights file (default 1.0).", nargs="*"),
     F("--cache_text_encoder_outputs", bool, False, DONE,
       "SDXL: compute the text-encoder outputs once before training (needs "

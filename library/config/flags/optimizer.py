@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from library.config.flags.base import (
-    DONE, INT_OR_FLOAT, TODO, F, at_least, in_group, key_values, non_negative, positive, steps_or_ratio,
+    DONE, INT_OR_FLOAT, F, at_least, in_group, key_values, non_negative, positive, steps_or_ratio,
     suggest,
 )
 
@@ -50,7 +50,7 @@ FLAGS = in_group("optimizer", [
       nargs="*", check=key_values),
     F("--use_8bit_adam", bool, False, DONE,
       "Old spelling of --optimizer_type AdamW8bit (needs bitsandbytes)."),
-    F("--use_lion_optimizer", bool, False, TODO, "Old spelling of --optimizer_type Lion."),
+    F("--use_lion_optimizer", bool, False, DONE, "Old spelling of --optimizer_type Lion."),
     F("--learning_rate", float, 2e-06, DONE,
       "Base learning rate (also for the U-Net and text encoders unless --unet_lr / "
       "--text_encoder_lr are given).", check=positive),
@@ -60,18 +60,18 @@ FLAGS = in_group("optimizer", [
     F("--lr_warmup_steps", INT_OR_FLOAT, 0, DONE,
       "Linear warmup: a number of steps, or a ratio < 1 of the total steps (0.05 or 5%).",
       check=steps_or_ratio),
-    F("--lr_decay_steps", INT_OR_FLOAT, 0, TODO,
+    F("--lr_decay_steps", INT_OR_FLOAT, 0, DONE,
       "Decay phase length for warmup_stable_decay: steps, or a ratio < 1 of the total.",
       check=steps_or_ratio),
     F("--lr_scheduler_num_cycles", int, 1, DONE,
       "Number of restarts for cosine_with_restarts.", check=at_least(1)),
     F("--lr_scheduler_power", float, 1, DONE, "Power of the polynomial schedule.", check=positive),
-    F("--lr_scheduler_timescale", int, None, TODO,
+    F("--lr_scheduler_timescale", int, None, DONE,
       "Time scale of the inverse_sqrt schedule (default: the warmup steps).", check=at_least(1)),
-    F("--lr_scheduler_min_lr_ratio", float, None, TODO,
+    F("--lr_scheduler_min_lr_ratio", float, None, DONE,
       "Lowest learning rate as a ratio of the initial one (cosine_with_min_lr, "
       "warmup_stable_decay).", check=non_negative),
-    F("--lr_scheduler_type", str, "", TODO, "Custom scheduler class as package.module.Class."),
-    F("--lr_scheduler_args", str, None, TODO,
+    F("--lr_scheduler_type", str, "", DONE, "Custom scheduler class as package.module.Class."),
+    F("--lr_scheduler_args", str, None, DONE,
       "Extra scheduler arguments as key=value items.", nargs="*", check=key_values),
 ])
