@@ -59,7 +59,7 @@ def svd_dense(mat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor,
     ``torch.svd_lowrank`` with oversampling and 4 power iterations: the top ``rank`` singular
     vectors come out within float precision of the exact ones for the decaying spectra of weight
     differences, at a fraction of the cost (an exact SVD of SDXL's 10240 x 1280 feed-forward weight
-    takes seconds; the whole UNet would take the better part of an hour on a CPU).
+    takes seconds; the whole UNet about half an hour on one CPU core).
     """
     small = min(mat.shape)
     if small <= _DENSE_SVD_MAX or 4 * rank >= small:
