@@ -171,7 +171,10 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps:
         raise ConfigError("--lr_warmup_steps needs --lr_scheduler constant_with_warmup (or another scheduler "
                           "with warmup); 'constant' has no warmup")
     if name in _DELEGATED:
-        return _delegated(optimizer, name, warmup, total_steps, timescale, min_lr_ratio, kwargs)
+        try:
+            return _delegated(optimizer, name, warmup, total_steps, timescale, min_lr_ratio, kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"--lr_scheduler {name}: {e} (check --lr_scheduler_args)") from e
     if name == "warmup_stable_decay" and warmup + decay > total_steps:
         raise ConfigError(f"--lr_warmup_steps ({warmup}) plus --lr_decay_steps ({decay}) exceed the "
                           f"{total_steps} training steps")

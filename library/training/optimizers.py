@@ -67,12 +67,18 @@ def parse_optimizer_args(items: list[str] | None) -> dict[str, Any]:
 
 
 def _literal(text: str) -> Any:
+    """kohya: ``ast.literal_eval`` of the value ("0.9,0.99" is a tuple, "'a,b'" a string); words
+    that are not literals stay strings (true/false/none in any case become bool/None)."""
     try:
-        if "," in text and not text.startswith(("[", "(")):
-            return tuple(ast.literal_eval(v.strip()) for v in text.split(",") if v.strip())
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+        pass
+    try:
+        if "," in text:
+            return tuple(ast.literal_eval(v.strip()) for v in text.split(",") if v.strip())
+    except (ValueError, SyntaxError):
+        pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def optimizer_name(optimizer_type: str | None, use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> str:
