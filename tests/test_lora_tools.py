@@ -383,6 +383,8 @@ def test_bad_input_one_line_and_no_partial_file(sd1_file, tmp_path, capsys):
     assert "2 --models but 1 --ratios" in msg
     msg = _run_fails(resize_lora.main, ["--model", good, "--new_rank", "8", "--save_to", out], capsys, out)
     assert "larger than the rank" in msg
+    msg = _run_fails(resize_lora.main, ["--model", good, "--dynamic_method", "sv_fro", "--save_to", out], capsys, out)
+    assert "--dynamic_param" in msg
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(os.urandom(4096))
     truncated = tmp_path / "trunc.safetensors"
