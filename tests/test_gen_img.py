@@ -52,7 +52,7 @@ def _make_lora(model_dir, path, seed: int) -> str:
     import networks.lora as lora
     from library.models.loading import load_models
 
-    m = load_models(str(model_dir))
+    m = load_models(str(model_dir), with_tokenizers=False)
     tes = m.text_encoders if len(m.text_encoders) > 1 else m.text_encoders[0]
     net = lora.create_network(1.0, 4, 2.0, m.vae, tes, m.unet)
     g = torch.Generator().manual_seed(seed)
@@ -129,12 +129,13 @@ def test_img2img_equals_diffusers(tiny_model_dir, tmp_path):
 # ------------------------------------------------------------------------ PNG and job options
 @pytest.mark.integration
 def test_png_text_chunks_long_prompt_and_from_file(tiny_model_dir, tmp_path):
-    path = tiny_model_dir("sd1")
+    path = tiny_model_dir("sd1", "single_file")  # tokenizers in <stem>_tokenizers beside it
     long_prompt = ", ".join(["a photo of a red cat"] * 20)  # 120 tokens
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"# comment\n{long_prompt} --n blurry --d 4 --s 2 --ss euler_a\n(sky:1.2) --d 6 --n dog --nl 2\n")
     lora = _make_lora(path, tmp_path / "l.safetensors", 3)
-    rc = gen_img.main(["--ckpt", str(path), "--from_file", str(prompts), "--W", "64", "--H", "64", "--steps", "3",
+    rc = gen_img.main(["--ckpt", str(path), "--tokenizer_cache_dir", str(path.parent / f"{path.stem}_tokenizers"),
+                       "--from_file", str(prompts), "--W", "64", "--H", "64", "--steps", "3",
                        "--max_embeddings_multiples", "2", "--emb_normalize_mode", "none", "--outdir",
                        str(tmp_path / "out"), "--network_module", "networks.lora", "--network_weights", lora,
                        "--network_mul", "0.5", "--sequential_file_name"])
@@ -146,6 +147,7 @@ def test_png_text_chunks_long_prompt_and_from_file(tiny_model_dir, tmp_path):
     assert "Steps: 2, Sampler: euler_a, CFG scale: 7.5, Seed: 4, Size: 64x64" in t["parameters"]
     meta = json.loads(t["sdtk"])
     assert meta["max_embeddings_multiples"] == 2 and meta["family"] == "sd1" and meta["width"] == 64
+    assert meta["model"] == path.name and meta["seed"] == 4
     assert meta["networks"] == [{"file": "l.safetensors", "module": "networks.lora", "multiplier": 0.5,
                                  "merged": False}]
     assert second.text["prompt"] == "(sky:1.2)" and second.text["steps"] == "3" and second.text["sampler"] == "ddim"
@@ -313,3 +315,29 @@ def test_xformers_missing_names_the_extra(tiny_model_dir, tmp_path, capsys):
     rc = gen_img.main(["--ckpt", str(tiny_model_dir("sd1")), "--prompt", "a", "--xformers", *COMMON,
                        "--outdir", str(tmp_path / "o")])
     assert rc == 1 and "sdtk[xformers]" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_lycoris_network_hooked_equals_merged(tiny_model_dir, tmp_path):
+    """A third-party module (lycoris.kohya, LoCon) through kohya's interface: hooked and merged agree."""
+    lk = pytest.importorskip("lycoris.kohya")
+    from library.models.loading import load_models
+    from library.training.plugin_compat import apply_fixes
+
+    path = tiny_model_dir("sd1")
+    apply_fixes("lycoris.kohya", lk)
+    m = load_models(str(path))
+    net = lk.create_network(1.0, 4, 2.0, m.vae, m.text_encoders[0], m.unet, algo="locon")
+    net.apply_to(m.text_encoders[0], m.unet, True, True)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    net.save_weights(str(tmp_path / "lyco.safetensors"), torch.float32, {})
+    args = ["--ckpt", str(path), "--prompt", "a cat --d 1", "--sampler", "ddim", *COMMON,
+            "--network_module", "lycoris.kohya", "--network_weights", str(tmp_path / "lyco.safetensors")]
+    hooked = _run(args, tmp_path / "hooked")[0]
+    merged = _run([*args, "--network_merge"], tmp_path / "merged")[0]
+    plain = _run(args[:-4], tmp_path / "plain")[0]
+    _close(merged, hooked, tol=2)
+    assert np.abs(hooked - plain).max() > 10

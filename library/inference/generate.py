@@ -250,6 +250,9 @@ def run_job(model: Any, tasks: list[ImageTask], settings: JobSettings, networks:
     with tqdm(total=len(tasks), desc="generating", unit="img") as bar:
         for batch in batches(tasks, settings.batch_size):
             muls = batch[0].options.network_muls
+            if muls and not networks:
+                logger.warning("--am %s has no effect: no network is hooked (merged networks keep their "
+                               "multiplier)", ",".join(map(str, muls)))
             if networks and (muls or default_muls):
                 muls = list(muls) + [muls[-1]] * (len(networks) - len(muls)) if muls else default_muls
                 set_multipliers(networks, muls)

@@ -80,11 +80,15 @@ def network_specs(modules: Sequence[str] | None, weights: Sequence[str] | None, 
 
 
 def _import(module: str):
+    from library.training.plugin_compat import apply_fixes
+
     try:
-        return importlib.import_module(module)
+        mod = importlib.import_module(module)
     except ImportError as e:
         hint = " (pip install 'sdtk[lycoris]')" if module.startswith("lycoris") else ""
         raise ConfigError(f"--network_module {module}: cannot import it ({e}){hint}") from e
+    apply_fixes(module, mod)  # known third-party bugs (lycoris 4.1 on SD UNets)
+    return mod
 
 
 def _show_meta(path: str) -> None:
@@ -128,7 +132,7 @@ def attach_networks(specs: list[NetworkSpec], model: Any, *, merge_count: int = 
             network.merge_to(tes, model.unet, weights_sd, dtype, device)
             logger.info("merged %s (multiplier %s)", spec.weights, spec.multiplier)
             continue
-        network.apply_to(tes, model.unet)
+        network.apply_to(tes, model.unet, True, True)  # lycoris insists on explicit flags
         info = network.load_state_dict(weights_sd, False)
         if getattr(info, "missing_keys", None):
             logger.warning("%s: %d network weights missing in the file", spec.weights, len(info.missing_keys))

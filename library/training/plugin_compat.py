@@ -30,7 +30,18 @@ def fix_lycoris_duplicate_time_embedding(module: Any) -> None:
             logger.debug("lycoris preset %s: time_embedding covered by class match, names dropped", name)
 
 
+def fix_lycoris_default_time_embedding(module: Any) -> None:
+    """The same lycoris 4.1.x duplicate, in the class defaults that ``create_network_from_weights``
+    uses (no preset is applied there): loading any LyCORIS file for an SD/SDXL UNet fails."""
+    cls = getattr(module, "LycorisNetworkKohya", None)
+    targets = getattr(cls, "UNET_TARGET_REPLACE_MODULE", None) or []
+    names = getattr(cls, "UNET_TARGET_REPLACE_NAME", None) or []
+    if "TimestepEmbedding" in targets and any(n.startswith("time_embedding.") for n in names):
+        cls.UNET_TARGET_REPLACE_NAME = [n for n in names if not n.startswith("time_embedding.")]
+
+
 def apply_fixes(module_name: str, module: Any) -> None:
     """Apply the fixes that concern ``module_name`` (the ``--network_module`` value)."""
     if module_name.startswith("lycoris."):
         fix_lycoris_duplicate_time_embedding(module)
+        fix_lycoris_default_time_embedding(module)
