@@ -257,6 +257,9 @@ def test_weighted_encoding_and_long_prompts(tiny_model_dir):
 # ------------------------------------------------------------------------------ prompt options
 def test_inline_options_seeds_and_batches():
     d = PromptOptions(prompt="", steps=20)
+    assert parse_prompt("a --w 100 --h 203", d).width == 96 and parse_prompt("a --h 203", d).height == 200
+    with pytest.raises(ConfigError, match="at least 64x64"):
+        parse_prompt("a --w 8", d)
     o = parse_prompt("a cat --n dog, blurry --W 640 --h 768 --s 9 --d 1,2 --l 5.5 --nl 2 --t 0.3 --ss euler_a --am 0.5",
                      d)
     assert (o.prompt, o.negative_prompt, o.width, o.height, o.steps, o.seeds) == ("a cat", "dog, blurry", 640, 768, 9,

@@ -102,9 +102,17 @@ def parse_prompt(line: str, defaults: PromptOptions, where: str = "--prompt") ->
             changes[name] = conv(m.group(2).strip())
         except ValueError:
             raise ConfigError(f"{where}: bad value for --{key}: {m.group(2).strip()!r}") from None
-    if changes.get("sampler") is not None and changes["sampler"].lower() not in SAMPLERS:
-        raise ConfigError(f"{where}: unknown sampler {changes['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
-    return replace(defaults, **changes)
+    if changes.get("sampler") is not None:
+        changes["sampler"] = changes["sampler"].lower()
+        if changes["sampler"] not in SAMPLERS:
+            raise ConfigError(f"{where}: unknown sampler {changes['sampler']!r}; choose one of {', '.join(SAMPLERS)}")
+    opts = replace(defaults, **changes)
+    if min(opts.width, opts.height) < 64:
+        raise ConfigError(f"{where}: the image size must be at least 64x64, got {opts.width}x{opts.height}")
+    if not 0.0 <= opts.strength <= 1.0:
+        raise ConfigError(f"{where}: --t (strength) must be between 0 and 1, got {opts.strength}")
+    # diffusers needs sizes divisible by 8 (the VAE's factor); kohya's W/H are rounded down the same way
+    return replace(opts, width=opts.width - opts.width % 8, height=opts.height - opts.height % 8)
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -112,7 +120,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--from_file {path}: file not found")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    lines = [ln.strip() for ln in p.read_text(encoding="utf-8-sig").splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     if not lines:
         raise ConfigError(f"--from_file {path}: no prompts in the file")
