@@ -160,9 +160,13 @@ def run_loop(t: Any, s: Any) -> Path | None:
             s.lr_scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
             logs = {"loss/current": loss_value, "loss/average": recorder.average}
+            norm_postfix = {}
             if a.scale_weight_norms and caps.max_norm_regularization:
                 scaled, mean_norm, max_norm = s.network.apply_max_norm_regularization(a.scale_weight_norms, acc.device)
-                logs.update({"keys_scaled": scaled, "max_norm": max_norm})
+                # kohya's tracker keys and progress-bar fields
+                logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
+                             "max_norm/max_key_norm": max_norm})
+                norm_postfix = {"keys_scaled": scaled, "avg_key_norm": f"{mean_norm:.4f}"}
             progress.global_step += 1
             if progress.batch_in_epoch == per_epoch:  # the epoch is complete: a state now resumes at the next
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
@@ -174,7 +178,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
                              "loss/validation/step_divergence": val_loss - recorder.average})
             bar.update(1)
             bar.set_postfix(avr_loss=f"{recorder.average:.4f}", loss=f"{loss_value:.4f}", lr=f"{lrs[-1]:.2e}",
-                            **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}))
+                            **({"val_loss": f"{val_loss:.4f}"} if val_loss is not None else {}), **norm_postfix)
             if acc.trackers:
                 acc.log(logs, step=progress.global_step)
             t.sample_images(s, progress.global_step, None)

@@ -41,9 +41,10 @@ FLAGS = in_group("loss_and_noise", [
     F("--scale_v_pred_loss_like_noise_pred", bool, False, DONE,
       "With v-prediction, scale the loss like an epsilon-prediction loss."),
     F("--v_pred_like_loss", float, None, DONE,
-      "Add a v-prediction-like loss term with this weight.", check=non_negative, off=(0.0,)),
+      "Add a v-prediction-like loss: loss * (1 + w * (SNR+1)/SNR), with this weight w.", check=non_negative,
+      off=(0.0,)),
     F("--debiased_estimation_loss", bool, False, DONE,
-      "Weight the loss by 1/sqrt(SNR) (debiased estimation)."),
+      "Debiased estimation: weight the loss by 1/sqrt(SNR) (1/(SNR+1) with v-prediction), SNR capped at 1000."),
     F("--masked_loss", bool, False, DONE,
       "Compute the loss only where the mask (alpha channel or mask images) is set."),
 ])
