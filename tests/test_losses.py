@@ -29,7 +29,8 @@ def test_huber_and_smooth_l1_elementwise():
         for idx in [(0, 0, 0), (1, 2, 3), (2, 3, 1)]:
             d = float(pred[(b, *idx)] - target[(b, *idx)])
             cb = float(c[b])
-            assert hub[(b, *idx)].item() == pytest.approx(2 * cb * (math.sqrt(d * d + cb * cb) - cb), rel=1e-4, abs=1e-7)
+            expected = 2 * cb * (math.sqrt(d * d + cb * cb) - cb)
+            assert hub[(b, *idx)].item() == pytest.approx(expected, rel=1e-4, abs=1e-7)
             assert sl1[(b, *idx)].item() == pytest.approx(2 * (math.sqrt(d * d + cb * cb) - cb), rel=1e-4, abs=1e-7)
     # pseudo-Huber is ~ squared error for small residuals and ~ linear for large ones
     small = L.elementwise_loss(torch.full((1, 1, 1, 1), 1e-3), torch.zeros(1, 1, 1, 1), "huber", torch.tensor([1.0]))

@@ -24,7 +24,8 @@ def test_zero_terminal_snr_matches_diffusers():
     plain = DDPMScheduler(**cfg)
     ours = N.training_alphas_cumprod(plain.betas, zero_terminal_snr=True)
     assert torch.allclose(ours, ref, atol=1e-6)
-    assert ours[-1].item() == pytest.approx(0.0, abs=1e-9) and ours[0].item() == pytest.approx(plain.alphas_cumprod[0].item())
+    assert ours[-1].item() == pytest.approx(0.0, abs=1e-9)
+    assert ours[0].item() == pytest.approx(plain.alphas_cumprod[0].item())
     assert torch.allclose(N.training_alphas_cumprod(plain.betas), plain.alphas_cumprod)
 
 

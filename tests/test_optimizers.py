@@ -124,3 +124,13 @@ def test_optimizer_args_are_typed_and_bad_ones_explained():
         build_optimizer("AdamW", p, 1e-3, ["betas"])
     with pytest.raises(ConfigError, match="not supported"):
         build_optimizer("Adamm", p, 1e-3)
+
+
+def test_d_times_lr_is_logged_for_prodigy():
+    pytest.importorskip("prodigyopt")
+    from library.training.optimizers import adaptive_lr_logs
+
+    p = torch.nn.Parameter(torch.ones(8))
+    _, _, opt = build_optimizer("Prodigy", [p], 1.0, ["d0=1e-4"])
+    assert adaptive_lr_logs(opt) == {"lr/d*lr": pytest.approx(1e-4)}
+    assert adaptive_lr_logs(torch.optim.SGD([p], lr=0.1)) == {}

@@ -19,7 +19,7 @@ from library.errors import TrainingError
 from library.training import noise as N
 from library.training import saving as S
 from library.training.data import iterate_epoch
-from library.training.optimizers import eval_mode, set_train_mode
+from library.training.optimizers import adaptive_lr_logs, eval_mode, set_train_mode
 from library.training.progress import LossRecorder, init_trackers, make_progress_bar
 from library.training.state import Progress, TrainState, capture_rng, load_state, restore_rng, save_state
 from library.training.validation import Validator, should_validate_epoch, should_validate_step
@@ -172,6 +172,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
             lrs = s.lr_scheduler.get_last_lr()
             logs.update({f"lr/group{i}": lr for i, lr in enumerate(lrs)})
+            logs.update(adaptive_lr_logs(s.optimizer))
             if validator is not None and should_validate_step(progress.global_step, a.validate_every_n_steps):
                 val_loss = validator.evaluate(t, s)
                 logs.update({"loss/validation/step_average": val_loss,

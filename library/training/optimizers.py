@@ -174,6 +174,14 @@ def uses_adafactor_schedule(optimizer: Any) -> float | None:
     return getattr(_unwrap(optimizer), "sdtk_adafactor_initial_lr", None)
 
 
+def adaptive_lr_logs(optimizer: Any) -> dict[str, float]:
+    """kohya's ``lr/d*lr`` for D-Adaptation / Prodigy (the effective step size of the first group)."""
+    group = _unwrap(optimizer).param_groups[0]
+    if "d" in group and group.get("lr") is not None:
+        return {"lr/d*lr": float(group["d"]) * float(group["lr"])}
+    return {}
+
+
 def _unwrap(optimizer: Any) -> Any:
     """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (or itself)."""
     inner = getattr(optimizer, "optimizer", None)

@@ -191,7 +191,8 @@ def setup_session(t: NetworkTrainer) -> Session:
     s = Session(args=a, accelerator=acc, family=family, model=model, network=network, net_kwargs=net_kwargs,
                 optimizer=optimizer, lr_scheduler=scheduler, plan=plan, group=group, seed=seed,
                 weight_dtype=weight_dtype, train_unet=train_unet, train_text_encoder=train_te,
-                alphas_cumprod=N.training_alphas_cumprod(noise_sched.betas, bool(a.zero_terminal_snr)), v_prediction=v_prediction,
+                alphas_cumprod=N.training_alphas_cumprod(noise_sched.betas, bool(a.zero_terminal_snr)),
+                v_prediction=v_prediction,
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
                 save_dtype=t.save_dtype(), trainable_params=params)
     s.metadata = build_session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))

@@ -92,9 +92,9 @@ def step_loss(a: Any, pred: torch.Tensor, target: torch.Tensor, timesteps: torch
         loss = L.apply_masks(loss, mask.to(loss.device))
     per_sample = loss.mean(dim=(1, 2, 3))
     weights = L.prior_loss_weights(batch["is_reg"], batch.get("loss_weights"), a.prior_loss_weight)
+    like_noise = bool(getattr(a, "scale_v_pred_loss_like_noise_pred", False))
     extra = L.snr_weights(N.snr(alphas_cumprod, timesteps.cpu()), v_prediction=v_prediction,
-                          min_snr_gamma=a.min_snr_gamma,
-                          scale_v_pred_loss_like_noise_pred=bool(getattr(a, "scale_v_pred_loss_like_noise_pred", False)),
+                          min_snr_gamma=a.min_snr_gamma, scale_v_pred_loss_like_noise_pred=like_noise,
                           v_pred_like_loss=getattr(a, "v_pred_like_loss", None),
                           debiased_estimation_loss=bool(getattr(a, "debiased_estimation_loss", False)))
     if extra is not None:
