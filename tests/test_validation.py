@@ -77,3 +77,14 @@ def test_validation_does_not_change_training(tiny_model_dir, data, tmp_path, cap
     assert run_in_process(argv) == 0
     assert_same_tensors(lora_tensors(tmp_path / "a" / "lora.safetensors"),
                         lora_tensors(tmp_path / "b" / "lora.safetensors"))
+
+
+@pytest.mark.integration
+def test_sdxl_validation_with_cached_text_encoder_outputs(tiny_model_dir, data, tmp_path, capsys):
+    """The held-out captions join the text-encoder cache; cached latents are made for them too."""
+    from tests.test_sdxl_training import run_sdxl
+
+    argv = train_argv(tiny_model_dir("sdxl"), data, tmp_path, "--validation_split", "0.5", "--max_validation_steps", "1",
+                      "--network_train_unet_only", "--cache_text_encoder_outputs", "--cache_latents", steps=2)
+    assert run_sdxl(argv) == 0
+    assert "epoch 1: validation loss" in capsys.readouterr().err

@@ -7,6 +7,7 @@ these two functions, so every loss/noise flag is handled in one place, in kohya'
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -14,6 +15,8 @@ import torch
 from library.errors import ConfigError
 from library.training import loss as L
 from library.training import noise as N
+
+logger = logging.getLogger(__name__)
 
 
 def check_loss_and_noise_args(a: Any) -> list[str]:
@@ -29,6 +32,15 @@ def check_loss_and_noise_args(a: Any) -> list[str]:
         problems.append(f"--min_timestep {lo} is larger than --max_timestep {hi}")
     if getattr(a, "huber_schedule", None) == "exponential" and (getattr(a, "huber_c", 0.1) or 0) >= 1:
         problems.append("--huber_schedule exponential needs --huber_c below 1 (it decays from 1 to huber_c)")
+    v_param = bool(getattr(a, "v_parameterization", False))
+    # kohya's warnings: these settings are meant for v-prediction (or epsilon) models
+    if getattr(a, "zero_terminal_snr", False) and not v_param:
+        logger.warning("--zero_terminal_snr without --v_parameterization: an epsilon model cannot predict pure "
+                       "noise at the last timestep; results may be unexpected")
+    if getattr(a, "scale_v_pred_loss_like_noise_pred", False) and not v_param:
+        logger.warning("--scale_v_pred_loss_like_noise_pred is meant for v-prediction (--v_parameterization)")
+    if getattr(a, "v_pred_like_loss", None) and v_param:
+        logger.warning("--v_pred_like_loss is meant for epsilon-prediction models, not --v_parameterization")
     return problems
 
 

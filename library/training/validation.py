@@ -74,7 +74,7 @@ class Validator:
             vae.to(acc.device)
             t.cache_latents(group, vae, acc)
             vae.to(device)
-        t.cache_text_encoder_outputs(group, s.model, acc)
+        _cache_validation_captions(t, s, group)
         plan = ShardedPlan(group, acc.process_index, acc.num_processes, 1)
         n = validation_batches(plan.batches_per_epoch, a.max_validation_steps)
         seed = a.validation_seed if a.validation_seed is not None else s.seed
@@ -112,6 +112,28 @@ class Validator:
             s.network.train(was_training)
             restore_rng(rng)
         return total / max(1, count)
+
+
+def _cache_validation_captions(t: Any, s: Any, group: Any) -> None:
+    """With cached text-encoder outputs (SDXL), add the validation captions to the trainer's cache.
+
+    The trainer's hook builds a new cache and moves the encoders off the device afterwards, so the
+    encoders go back to the device (in their training dtype) first, and the new entries are
+    merged into the existing cache (it is keyed by caption).
+    """
+    old = getattr(t, "te_cache", None)
+    if old is None:
+        return
+    acc = s.accelerator
+    dtype = s.weight_dtype if acc.device.type != "cpu" else torch.float32
+    for te in s.model.text_encoders:
+        te.to(acc.device, dtype=dtype)
+    t.cache_text_encoder_outputs(group, s.model, acc)
+    new = t.te_cache
+    if new is not old and new is not None:
+        old.memory.update(new.memory)
+        old.files.update(new.files)
+    t.te_cache = old
 
 
 def _has_split(group: Any, a: Any) -> bool:
