@@ -31,3 +31,21 @@ def test_tool_writes_kohya_cache_layout_that_loads_offline(tmp_path, capsys):
     assert t1("a photo of a cat").input_ids == t2("a photo of a cat").input_ids
     (sd2,) = load_tokenizers(Family.SD2, None, tmp_path)
     assert sd2.pad_token == "!"
+
+
+def test_unreachable_hub_fails_fast_with_offline_instructions(tmp_path, monkeypatch):
+    import time
+
+    import pytest
+    from huggingface_hub import constants
+
+    from library.errors import ModelLoadError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # closed port on this machine
+    t0 = time.monotonic()
+    with pytest.raises(ModelLoadError, match="not reachable.*|make_clip_tokenizer") as e:
+        load_tokenizers(Family.SD1, None, tmp_path)
+    assert time.monotonic() - t0 < 10
+    assert "make_clip_tokenizer.py" in str(e.value) and "not reachable" in str(e.value)

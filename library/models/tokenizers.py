@@ -37,6 +37,23 @@ def _offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe of the hub endpoint, so an offline machine fails in seconds instead of
+    waiting through the hub client's retries (minutes)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _finish(tok, pad: str | None):
     if pad is not None and tok.pad_token != pad:
         tok.pad_token = pad
@@ -82,6 +99,8 @@ def _from_hub(hub_id: str, subfolder: str | None, pad: str | None, cache_dir, tr
     )
     if _offline():
         raise ModelLoadError(how + " (HF_HUB_OFFLINE is set, so the hub was not tried)")
+    if not _hub_reachable():
+        raise ModelLoadError(how + " (the model hub is not reachable from this machine)")
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         tok = CLIPTokenizer.from_pretrained(hub_id, **kwargs)
