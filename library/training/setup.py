@@ -116,6 +116,9 @@ def setup_session(t: NetworkTrainer) -> Session:
     """Everything from parsed args to a ready :class:`Session` (may resume from a state later)."""
     from library.training.metadata_setup import build_session_metadata
 
+    from library.training.memory import tune_allocator
+
+    tune_allocator()  # before any large allocation
     a = t.args
     check_args(a)
     t.preflight()
