@@ -217,3 +217,19 @@ def test_continue_from_network_weights(tiny_model_dir, data, tmp_path):
     second = lora_tensors(tmp_path / "b" / "lora.safetensors")
     key = next(k for k in first if k.endswith("lora_up.weight") and first[k].abs().sum() > 0)
     torch.testing.assert_close(second[key], first[key], atol=1e-6, rtol=0)
+
+
+def test_network_weights_from_another_family(tiny_model_dir, data, tmp_path, capsys):
+    import networks.lora as lora
+    from library.models.families import Family
+    from library.models.tiny import build_tiny_model
+
+    xl = build_tiny_model(Family.SDXL)
+    net = lora.create_network(1.0, 4, 1.0, xl.vae, xl.text_encoders, xl.unet)
+    net.apply_to(xl.text_encoders, xl.unet, True, True)
+    net.save_weights(str(tmp_path / "xl.safetensors"), None, {"ss_base_model_version": "sdxl_base_v1-0"})
+    argv = train_argv(tiny_model_dir("sd1"), data, tmp_path / "out", "--network_weights",
+                      str(tmp_path / "xl.safetensors"), steps=1)
+    assert run_in_process(argv) == 1
+    err = capsys.readouterr().err
+    assert "xl.safetensors" in err and ("SDXL" in err or "sdxl" in err)
