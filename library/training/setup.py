@@ -51,8 +51,6 @@ def check_args(args: Any) -> None:
         problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
     if args.xformers and not torch.cuda.is_available():
         problems.append("--xformers needs a CUDA GPU (and the xformers package); on this machine use --sdpa")
-    if (args.loss_type or "l2") not in ("l2", "l1"):
-        problems.append(f"--loss_type {args.loss_type} is not implemented yet; use l2 or l1")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
     from library.training.step import check_loss_and_noise_args
