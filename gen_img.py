@@ -155,7 +155,7 @@ def run(args) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     """Parse -> load -> generate. Returns the process exit code."""
     from library.config.args import parse_args
-    from train_network import configure_logging
+    from library.utils.logging import configure_logging
 
     try:
         args = parse_args(SCRIPT, argv)

@@ -20,7 +20,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from library.errors import ConfigError, SdtkError  # noqa: E402
+from library.errors import ConfigError  # noqa: E402
 from library.models.families import Family  # noqa: E402
 from library.training.trainer import NetworkTrainer  # noqa: E402
 
@@ -99,23 +99,9 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse -> build -> run. Returns the process exit code."""
-    from library.config.args import parse_args
-    from train_network import configure_logging
+    from library.training.cli import run_training
 
-    try:
-        args = parse_args(SCRIPT, argv)
-        if args.output_config:
-            return 0  # parse_args wrote the effective config
-        configure_logging(args)
-        final = SdxlNetworkTrainer(args).train()
-        if final is not None:
-            print(f"LoRA saved to {final}")
-            if args.sample_prompts:
-                print(f"sample images in {Path(args.output_dir) / 'sample'}")
-        return 0
-    except SdtkError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return run_training(SCRIPT, SdxlNetworkTrainer, argv)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def child(argv: list[str], result_path: Path) -> int:
     """Run the training in this process and write step times and peak RSS to ``result_path``."""
     import sdxl_train_network as script
     from library.config.args import parse_args
-    from train_network import configure_logging
+    from library.utils.logging import configure_logging
 
     marks: list[tuple[float, float]] = []  # (wall, process CPU) at the end of each step
     rss: dict[str, float] = {}

@@ -1,0 +1,33 @@
+"""Logging setup for entry points (scripts and tools). Library modules only call ``logging.getLogger``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+_THIRD_PARTY = ("diffusers", "transformers", "accelerate", "PIL", "huggingface_hub", "bitsandbytes", "urllib3")
+
+
+def configure_logging(args: Any = None, default_level: str = "INFO") -> None:
+    """Configure the root logger from kohya's ``--console_log_level/_file/_simple`` (when present on ``args``).
+
+    Third-party libraries are limited to errors: their warnings about conversions sdtk does on
+    purpose (e.g. casting a model's dtype) or optional packages sdtk does not use are noise for users.
+    """
+    level = getattr(args, "console_log_level", None) or default_level
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if getattr(args, "console_log_file", None):
+        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
+    simple = getattr(args, "console_log_simple", False)
+    fmt = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+    for name in _THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:  # transformers and diffusers log through their own handlers
+        from diffusers.utils import logging as dlog
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
