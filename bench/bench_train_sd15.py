@@ -88,7 +88,9 @@ def child(argv: list[str], result_path: Path) -> int:
                 marks.append(time.perf_counter())
 
     args = parse_args(script.SCRIPT, argv)
-    script.configure_logging(args)
+    from library.utils.logging import configure_logging
+
+    configure_logging(args)
     start = time.perf_counter()
     BenchTrainer(args).train()
     steps = [b - a for a, b in zip(marks, marks[1:])]  # marks[0]: before step 1; marks[i]: end of step i

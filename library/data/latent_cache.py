@@ -77,8 +77,10 @@ def expected_metadata(sample: Sample, vae_id: str, interpolation: str | None = N
     }
 
 
-def cache_is_valid(path: Path, expected: dict[str, str], skip_cache_check: bool = False) -> bool:
-    """Whether ``path`` exists and was produced by exactly the settings in ``expected``."""
+def cache_is_valid(path: Path, expected: dict[str, str], skip_cache_check: bool = False,
+                   what: str = "latent cache") -> bool:
+    """Whether the cache file ``path`` exists and was produced by exactly the settings in ``expected``
+    (recorded in its safetensors metadata). Shared by the latent and text-encoder caches."""
     if not path.is_file():
         return False
     if skip_cache_check:
@@ -89,11 +91,11 @@ def cache_is_valid(path: Path, expected: dict[str, str], skip_cache_check: bool 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # a damaged file is rebuilt, whatever the parser's complaint
-        logger.warning("latent cache %s is unreadable (%s); rebuilding it", path, e)
+        logger.warning("%s %s is unreadable (%s); rebuilding it", what, path, e)
         return False
     stale = [k for k, v in expected.items() if meta.get(k) != v]
     if stale:
-        logger.info("latent cache %s is stale (%s changed); rebuilding it", path.name, ", ".join(stale))
+        logger.info("%s %s is stale (%s changed); rebuilding it", what, path.name, ", ".join(stale))
     return not stale
 
 

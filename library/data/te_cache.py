@@ -144,22 +144,9 @@ class TECacheStats:
 
 
 def _file_is_valid(path: Path, expected: dict[str, str], skip_cache_check: bool) -> bool:
-    if not path.is_file():
-        return False
-    if skip_cache_check:
-        return True
-    from safetensors import safe_open
+    from library.data.latent_cache import cache_is_valid
 
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # a damaged file is rebuilt, whatever the parser's complaint
-        logger.warning("text-encoder cache %s is unreadable (%s); rebuilding it", path, e)
-        return False
-    stale = [k for k, v in expected.items() if meta.get(k) != v]
-    if stale:
-        logger.info("text-encoder cache %s is stale (%s changed); rebuilding it", path.name, ", ".join(stale))
-    return not stale
+    return cache_is_valid(path, expected, skip_cache_check, what="text-encoder cache")
 
 
 def cache_text_encoder_outputs(samples: list[Any], encode: Callable[[list[str]], Conditioning], fingerprint: str, *,
