@@ -220,31 +220,29 @@ def _write_state(s: Any, progress: Progress, folder: Path) -> None:
 
 
 def _save_at_step(t: Any, s: Any, progress: Progress, out_dir: Path, policy: S.SavePolicy) -> None:
-    a, step = s.args, progress.global_step
-    ext = S.model_ext(a.save_model_as)
-    t.save_network(s, out_dir / (S.step_name(a.output_name, step) + ext), step, progress.epoch + 1)
-    old = policy.removable_step(step)
-    if old is not None and s.accelerator.is_main_process:
-        S.remove_output(out_dir / (S.step_name(a.output_name, old) + ext))
-    if policy.save_state:
-        _write_state(s, progress, out_dir / f"{S.step_name(a.output_name, step)}-state")
-        old = policy.removable_step(step, state=True)
-        if old is not None and s.accelerator.is_main_process:
-            S.remove_output(out_dir / f"{S.step_name(a.output_name, old)}-state")
+    step = progress.global_step
+    _save_checkpoint(t, s, progress, out_dir, policy.save_state, lambda n: S.step_name(s.args.output_name, n),
+                     policy.removable_step, step, step, progress.epoch + 1)
 
 
 def _save_at_epoch(t: Any, s: Any, progress: Progress, out_dir: Path, policy: S.SavePolicy, epoch_no: int) -> None:
-    a = s.args
-    ext = S.model_ext(a.save_model_as)
-    t.save_network(s, out_dir / (S.epoch_name(a.output_name, epoch_no) + ext), progress.global_step, epoch_no)
-    old = policy.removable_epoch(epoch_no)
+    _save_checkpoint(t, s, progress, out_dir, policy.save_state, lambda n: S.epoch_name(s.args.output_name, n),
+                     policy.removable_epoch, epoch_no, progress.global_step, epoch_no)
+
+
+def _save_checkpoint(t: Any, s: Any, progress: Progress, out_dir: Path, save_state: bool, name_of: Any,
+                     removable: Any, counter: int, step: int, epoch: int) -> None:
+    """Save the network (and state) under ``name_of(counter)``; drop what ``--save_last_n_*`` no longer keeps."""
+    ext = S.model_ext(s.args.save_model_as)
+    t.save_network(s, out_dir / (name_of(counter) + ext), step, epoch)
+    old = removable(counter)
     if old is not None and s.accelerator.is_main_process:
-        S.remove_output(out_dir / (S.epoch_name(a.output_name, old) + ext))
-    if policy.save_state:
-        _write_state(s, progress, out_dir / f"{S.epoch_name(a.output_name, epoch_no)}-state")
-        old = policy.removable_epoch(epoch_no, state=True)
+        S.remove_output(out_dir / (name_of(old) + ext))
+    if save_state:
+        _write_state(s, progress, out_dir / f"{name_of(counter)}-state")
+        old = removable(counter, state=True)
         if old is not None and s.accelerator.is_main_process:
-            S.remove_output(out_dir / f"{S.epoch_name(a.output_name, old)}-state")
+            S.remove_output(out_dir / f"{name_of(old)}-state")
 
 
 def _stop_on_nan(t: Any, s: Any, progress: Progress, out_dir: Path, epoch_no: int) -> None:
