@@ -43,6 +43,20 @@ def test_quantize_error_is_float8_rounding():
     assert (plain[0] == 0).float().mean() > 0.5 and (back[0] == 0).float().mean() < 0.05
 
 
+def test_cpu_dequantize_is_exact_for_every_float8_value():
+    """The integer fast path on CPU equals PyTorch's float8 conversion times the scale, bit for bit."""
+    b = torch.arange(256, dtype=torch.uint8)
+    finite = ~b.view(FP8).float().isnan()  # 0x7f / 0xff are NaN; quantize never produces them
+    w8 = b[finite].repeat(3, 1)  # three output channels with different scales
+    scale = torch.tensor([1.0, 3.0e-5, 0.7123])
+    expected = w8.view(FP8).float() * scale.unsqueeze(1)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        got = dequantize(w8, scale, dtype)
+        assert got.dtype == dtype
+        assert torch.equal(got, expected.to(dtype)), dtype
+    assert torch.equal(dequantize(w8, scale, torch.float32)[0], b[finite].view(FP8).float())  # zero, subnormals, max
+
+
 def test_unet_forward_and_backward_match_dequantized_weights():
     unet = build_tiny_model(Family.SDXL).unet
     ref = _dequantized_copy(unet)

@@ -35,9 +35,27 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return w8.view(torch.uint8), scale
 
 
+def _fp8_bytes_to_half(w8: torch.Tensor) -> torch.Tensor:
+    """float8 e4m3fn bytes -> float16 holding exactly ``value * 2**-8``, with integer ops only.
+
+    PyTorch's own float8 -> float conversion runs at ~0.2 G elements/s per CPU core, which made
+    ``--fp8_base`` several times slower than fp32 on CPUs. The e4m3 bits ``s eeee mmm`` placed at
+    fp16 bits 15 and 13..7 are an fp16 number with the same significand and an exponent 8 lower
+    (the biases are 7 and 15), subnormals included: sign-extend the byte to 16 bits, shift left
+    by 7 (the sign lands in bits 15 and 14), clear bit 14. ~6x faster; exact for every finite
+    byte value (tested exhaustively). NaN bytes never occur: :func:`quantize` clamps.
+    """
+    h = w8.view(torch.int8).to(torch.int16)
+    h.bitwise_left_shift_(7).bitwise_and_(~0x4000)
+    return h.view(torch.float16)
+
+
 def dequantize(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Inverse of :func:`quantize` (``w8`` uint8 bytes, ``scale`` float32 ``[out]``) in ``dtype``."""
     shape = (-1,) + (1,) * (w8.dim() - 1)
+    if w8.device.type == "cpu":  # GPUs convert float8 natively and fast: one kernel is better there
+        w = _fp8_bytes_to_half(w8).to(torch.float32)
+        return w.mul_(scale.view(shape) * 256.0).to(dtype)
     return (w8.view(FP8).to(torch.float32) * scale.view(shape)).to(dtype)
 
 
