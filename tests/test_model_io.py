@@ -92,6 +92,34 @@ def test_fp16_file_stays_fp16_and_precision_conversion(tiny_model_dir, tmp_path)
     assert {v.dtype for v in load_file(bf.with_suffix(".safetensors")).values()} == {torch.bfloat16}
 
 
+def test_converting_reads_release_the_file_mapping_without_changing_values(tmp_path, monkeypatch):
+    """Reads that convert dtypes reopen the file every _REMAP_BYTES; values and dtypes are unaffected."""
+    from library.models import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn(16, 8 + i, generator=g).half() for i in range(12)}
+    tensors["ids"] = torch.arange(5)
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, path)
+    monkeypatch.setattr(checkpoint, "_REMAP_BYTES", 300)  # reopen every one or two tensors
+    reader = checkpoint.CheckpointReader(path)
+    reopened = []
+    original_reopen = reader._reopen
+
+    def counting_reopen():
+        original_reopen()
+        reopened.append(1)
+
+    monkeypatch.setattr(reader, "_reopen", counting_reopen)
+    out = reader.read(sorted(tensors), torch.float32)
+    assert len(reopened) >= 4
+    for k, v in tensors.items():
+        expected = v.float() if v.is_floating_point() else v
+        assert out[k].dtype == expected.dtype and torch.equal(out[k], expected), k
+    same = reader.read(["t0"], torch.float16)["t0"]  # no conversion: read as stored
+    assert same.dtype == torch.float16 and torch.equal(same, tensors["t0"])
+
+
 def test_unused_source_keys_survive_a_round_trip(tiny_model_dir, tmp_path):
     from safetensors import safe_open
 

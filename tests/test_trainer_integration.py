@@ -233,3 +233,22 @@ def test_network_weights_from_another_family(tiny_model_dir, data, tmp_path, cap
     assert run_in_process(argv) == 1
     err = capsys.readouterr().err
     assert "xl.safetensors" in err and ("SDXL" in err or "sdxl" in err)
+
+
+def test_half_precision_training_loads_a_half_file_without_a_float32_copy(tiny_model_dir, data, tmp_path):
+    """With --mixed_precision the UNet ends in half precision: load keeps the file's dtype (no float32
+    copy of the model in RAM); in float32 training the weights are read as float32."""
+    import train_network
+    from library.config.args import parse_args
+    from library.models.loading import load_models
+    from library.models.saving import save_model
+    from library.training.trainer import NetworkTrainer
+
+    half = tmp_path / "half.safetensors"
+    save_model(load_models(str(tiny_model_dir("sd1"))), half, "safetensors", "fp16")
+    tok = tiny_model_dir("sd1", "single_file")
+    tok = tok.parent / f"{tok.stem}_tokenizers"
+    for precision, expected in (("bf16", torch.float16), ("no", torch.float32)):
+        argv = train_argv(half, data, tmp_path, "--mixed_precision", precision, "--tokenizer_cache_dir", str(tok))
+        model = NetworkTrainer(parse_args(train_network.SCRIPT, argv)).load_model()
+        assert {p.dtype for p in model.unet.parameters()} == {expected}, precision

@@ -12,6 +12,8 @@ import torch
 from library.errors import ModelLoadError
 
 METADATA_CONFIG_KEY = "sdtk.model_config"
+# when converting dtypes while reading, drop the file mapping after this many source bytes (see read)
+_REMAP_BYTES = 256 * 2**20
 
 
 class CheckpointReader:
@@ -90,10 +92,25 @@ class CheckpointReader:
 
     def read(self, keys: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         out = {}
+        converted = 0
         for k in keys:
             t = self.get(k)
-            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                converted += t.numel() * t.element_size()
+                t = t.to(dtype)
+                if converted >= _REMAP_BYTES and self._st is not None:
+                    # the file's pages read so far stay mapped (and count as this process's memory)
+                    # while the handle lives; converted tensors no longer need them: reopen
+                    self._reopen()
+                    converted = 0
+            out[k] = t
         return out
+
+    def _reopen(self) -> None:
+        from safetensors import safe_open
+
+        self._st = None
+        self._st = safe_open(str(self.path), framework="pt", device="cpu")
 
     def read_prefix(self, prefix: str, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         return self.read([k for k in self._keys if k.startswith(prefix)], dtype)
