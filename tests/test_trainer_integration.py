@@ -252,3 +252,20 @@ def test_half_precision_training_loads_a_half_file_without_a_float32_copy(tiny_m
         argv = train_argv(half, data, tmp_path, "--mixed_precision", precision, "--tokenizer_cache_dir", str(tok))
         model = NetworkTrainer(parse_args(train_network.SCRIPT, argv)).load_model()
         assert {p.dtype for p in model.unet.parameters()} == {expected}, precision
+
+
+def test_skip_cache_check_trusts_existing_latent_files(tiny_model_dir, tmp_path):
+    """--cache_latents_to_disk rebuilds caches another setting produced; --skip_cache_check keeps them."""
+    data = make_dataset(tmp_path / "data", names=("astronaut", "coffee"))
+    model = tiny_model_dir("sd1")
+    base = ("--cache_latents", "--cache_latents_to_disk", "--network_train_unet_only")
+    assert run_in_process(train_argv(model, data, tmp_path / "a", *base, steps=1)) == 0
+    files = sorted(data.rglob("*_sdtk.safetensors"))
+    assert len(files) == 2
+    stamps = [f.stat().st_mtime_ns for f in files]
+    # another resize interpolation makes the caches stale for these runs
+    other = ("--resize_interpolation", "lanczos")
+    assert run_in_process(train_argv(model, data, tmp_path / "b", *base, *other, "--skip_cache_check", steps=1)) == 0
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # trusted as they are
+    assert run_in_process(train_argv(model, data, tmp_path / "c", *base, *other, steps=1)) == 0
+    assert all(f.stat().st_mtime_ns != s for f, s in zip(files, stamps))  # checked: rebuilt

@@ -82,7 +82,7 @@ FLAGS = in_group("dataset", [
       "(faster; disables color_aug and random_crop)."),
     F("--cache_latents_to_disk", bool, False, DONE,
       "Like --cache_latents, and store the latents in .npz files next to the images for later runs."),
-    F("--skip_cache_check", bool, False, TODO,
+    F("--skip_cache_check", bool, False, DONE,
       "Trust existing latent cache files without checking them."),
     F("--vae_batch_size", int, 1, DONE, "Batch size for encoding latents when caching.",
       check=at_least(1)),
