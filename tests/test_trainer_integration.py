@@ -269,3 +269,13 @@ def test_skip_cache_check_trusts_existing_latent_files(tiny_model_dir, tmp_path)
     assert [f.stat().st_mtime_ns for f in files] == stamps  # trusted as they are
     assert run_in_process(train_argv(model, data, tmp_path / "c", *base, *other, steps=1)) == 0
     assert all(f.stat().st_mtime_ns != s for f, s in zip(files, stamps))  # checked: rebuilt
+
+
+def test_save_n_epoch_ratio_saves_about_n_times(tiny_model_dir, data, tmp_path):
+    """kohya: --save_n_epoch_ratio N saves every floor(epochs / N) epochs (at least every epoch)."""
+    argv = train_argv(tiny_model_dir("sd1"), data, tmp_path, "--train_batch_size", "4", "--max_train_epochs", "7",
+                      "--save_n_epoch_ratio", "3", "--network_train_unet_only", steps=1000)
+    assert run_in_process(argv) == 0
+    # 7 epochs / 3 -> every 2 epochs; the last epoch is the final file
+    assert sorted(p.name for p in tmp_path.glob("lora*.safetensors")) == [
+        "lora-000002.safetensors", "lora-000004.safetensors", "lora-000006.safetensors", "lora.safetensors"]

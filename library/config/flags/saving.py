@@ -17,7 +17,7 @@ SAVING = in_group("saving", [
       "Data type of the saved weights (default: as trained).", choices=[None, "float", "fp16", "bf16"]),
     F("--save_every_n_epochs", int, None, DONE, "Save every N epochs.", check=at_least(1)),
     F("--save_every_n_steps", int, None, DONE, "Save every N steps.", check=at_least(1)),
-    F("--save_n_epoch_ratio", int, None, TODO,
+    F("--save_n_epoch_ratio", int, None, DONE,
       "Save so that about N files are written over the whole run.", check=at_least(1)),
     F("--save_last_n_epochs", int, None, DONE,
       "Keep only the files of the last N epoch saves (older ones are deleted).", check=at_least(1)),
