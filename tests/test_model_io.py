@@ -206,6 +206,24 @@ def test_random_bytes_and_truncated_file(tiny_model_dir, tmp_path):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="truncated"):
         load_models(str(cut), with_tokenizers=False)
+    for bad in (junk, cut):  # the plain reader (--disable_mmap_load_safetensors) checks the same
+        with pytest.raises(ModelLoadError, match="truncated"):
+            load_models(str(bad), with_tokenizers=False, mmap=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fmt", ["single_file", "diffusers"])
+def test_loading_without_mmap_gives_the_same_model(family, fmt, tiny_model_dir, tmp_path):
+    """--disable_mmap_load_safetensors: plain reads, identical weights (also through a dtype change)."""
+    path = tiny_model_dir(family, fmt)
+    kw = dict(v2=family == "sd2", with_tokenizers=False)
+    for dtype in (None, torch.bfloat16):  # as stored (float32), and converted while reading
+        a = load_models(str(path), dtype=dtype, **kw)
+        b = load_models(str(path), dtype=dtype, mmap=False, **kw)
+        for x, y in zip([a.unet, a.vae, *a.text_encoders], [b.unet, b.vae, *b.text_encoders]):
+            _assert_same_tensors(x.state_dict(), y.state_dict())
+        if fmt == "single_file":
+            assert a.passthrough_keys == b.passthrough_keys
 
 
 def test_lora_given_as_base_model(tmp_path):

@@ -279,3 +279,4 @@ def test_save_n_epoch_ratio_saves_about_n_times(tiny_model_dir, data, tmp_path):
     # 7 epochs / 3 -> every 2 epochs; the last epoch is the final file
     assert sorted(p.name for p in tmp_path.glob("lora*.safetensors")) == [
         "lora-000002.safetensors", "lora-000004.safetensors", "lora-000006.safetensors", "lora.safetensors"]
+

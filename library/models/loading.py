@@ -136,9 +136,9 @@ def _assign(model, sd: dict, what: str, path: str) -> None:
 
 def load_single_file(path: str, *, v2: bool = False, v_parameterization: bool = False, allow_pickle: bool = False,
                      dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None,
-                     skip_vae: bool = False):
+                     skip_vae: bool = False, mmap: bool = True):
     """Load UNet, VAE and text encoders from an original-layout file. Returns (LoadedModel without tokenizers)."""
-    reader = CheckpointReader(path, allow_pickle=allow_pickle)
+    reader = CheckpointReader(path, allow_pickle=allow_pickle, mmap=mmap)
     family = detect_family_from_keys(reader.keys(), path)
     _check_family(family, v2, expected, path)
     cfg = reader.embedded_model_config()
@@ -188,7 +188,7 @@ def _diffusers_family(folder: Path) -> Family:
 
 def load_diffusers_folder(folder: str, *, v2: bool = False, v_parameterization: bool = False,
                           dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None,
-                          skip_vae: bool = False):
+                          skip_vae: bool = False, mmap: bool = True):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     root = Path(folder)
@@ -196,7 +196,7 @@ def load_diffusers_folder(folder: str, *, v2: bool = False, v_parameterization: 
         raise ModelLoadError(f"{folder} is not a diffusers model folder (unet/config.json not found)")
     family = _diffusers_family(root)
     _check_family(family, v2, expected, folder)
-    kw = dict(local_files_only=True, torch_dtype=dtype) if dtype is not None else dict(local_files_only=True)
+    kw = _pretrained_kwargs(dtype, mmap)
     _quiet_transformers()
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
@@ -237,20 +237,30 @@ def _te_config_dict(te) -> dict:
     return {k: getattr(te.config, k) for k in keys}
 
 
-def load_vae(path: str, vae_config: dict, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False):
+def _pretrained_kwargs(dtype: torch.dtype | None, mmap: bool) -> dict:
+    """``from_pretrained`` options: offline, the dtype (None keeps the files'), and no mmap when asked."""
+    kw: dict = dict(local_files_only=True)
+    if dtype is not None:
+        kw["torch_dtype"] = dtype
+    if not mmap:
+        kw["disable_mmap"] = True
+    return kw
+
+
+def load_vae(path: str, vae_config: dict, dtype: torch.dtype | None = torch.float32, allow_pickle: bool = False,
+             mmap: bool = True):
     """Load a VAE given with ``--vae``: a diffusers folder, or a single file (standalone VAE or full model)."""
     from diffusers import AutoencoderKL
 
     p = Path(path)
     if p.is_dir():
         sub = "vae" if (p / "vae" / "config.json").exists() else None
-        kw = dict(local_files_only=True, torch_dtype=dtype) if dtype is not None else dict(local_files_only=True)
         try:
-            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder=sub, **_pretrained_kwargs(dtype, mmap))
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"--vae {path}: not a diffusers VAE folder ({str(e).splitlines()[0][:160]})") from e
     else:
-        reader = CheckpointReader(path, allow_pickle=allow_pickle)
+        reader = CheckpointReader(path, allow_pickle=allow_pickle, mmap=mmap)
         keys = reader.keys()
         prefix = ol.VAE_PREFIX if any(k.startswith(ol.VAE_PREFIX) for k in keys) else ""
         if not any(k.startswith(prefix + "encoder.conv_in") for k in keys):
@@ -269,7 +279,7 @@ def load_vae(path: str, vae_config: dict, dtype: torch.dtype | None = torch.floa
 def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False, vae: str | None = None,
                 tokenizer_cache_dir: str | None = None, allow_pickle: bool = False,
                 dtype: torch.dtype | None = torch.float32, expected: Iterable[Family] | None = None,
-                with_tokenizers: bool = True) -> LoadedModel:
+                with_tokenizers: bool = True, mmap: bool = True) -> LoadedModel:
     """Load a base model with kohya's options, fully offline.
 
     Args:
@@ -281,6 +291,7 @@ def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False
         dtype: weights are converted to this dtype while reading (``None`` keeps the file's dtype).
         expected: the families the calling script supports (wrong one -> error naming the right script).
         with_tokenizers: also find the tokenizers (not needed to convert or merge single files).
+        mmap: memory-map safetensors files (False: kohya's ``--disable_mmap_load_safetensors``).
     """
     if path is None or str(path).strip() == "":
         raise ModelLoadError("no base model given: pass --pretrained_model_name_or_path")
@@ -291,14 +302,14 @@ def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False
         raise ModelLoadError(f"{path}: no such file or folder{hint}")
     if p.is_dir():
         model = load_diffusers_folder(str(p), v2=v2, v_parameterization=v_parameterization, dtype=dtype,
-                                      expected=expected, skip_vae=vae is not None)
+                                      expected=expected, skip_vae=vae is not None, mmap=mmap)
         tok_folder = p
     else:
         model = load_single_file(str(p), v2=v2, v_parameterization=v_parameterization, allow_pickle=allow_pickle,
-                                 dtype=dtype, expected=expected, skip_vae=vae is not None)
+                                 dtype=dtype, expected=expected, skip_vae=vae is not None, mmap=mmap)
         tok_folder = None
     if vae is not None:
-        model.vae = load_vae(vae, model.model_config["vae"], dtype=dtype, allow_pickle=allow_pickle)
+        model.vae = load_vae(vae, model.model_config["vae"], dtype=dtype, allow_pickle=allow_pickle, mmap=mmap)
     if with_tokenizers:
         model.tokenizers = load_tokenizers(model.family, tok_folder, tokenizer_cache_dir)
     logger.info("loaded %s model from %s%s", model.family.pretty, path, " (v-prediction)" if model.v_parameterization else "")

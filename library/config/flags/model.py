@@ -36,7 +36,7 @@ FLAGS = in_group("model", [
       "with little RAM)."),
     F("--highvram", bool, False, DONE,
       "Keep models on the GPU between stages (e.g. after caching) instead of freeing memory."),
-    F("--disable_mmap_load_safetensors", bool, False, TODO,
+    F("--disable_mmap_load_safetensors", bool, False, DONE,
       "Read safetensors files fully instead of memory-mapping them (faster on some network "
       "file systems)."),
     F("--mem_eff_attn", bool, False, unsupported("kohya's own attention kernel; use --sdpa"),
