@@ -37,8 +37,8 @@ FLAGS = in_group("model", [
     F("--highvram", bool, False, DONE,
       "Keep models on the GPU between stages (e.g. after caching) instead of freeing memory."),
     F("--disable_mmap_load_safetensors", bool, False, DONE,
-      "Read safetensors files fully instead of memory-mapping them (faster on some network "
-      "file systems)."),
+      "Read safetensors model files with plain reads instead of memory-mapping them (faster on "
+      "some network file systems; the file's pages do not count as the process's memory)."),
     F("--mem_eff_attn", bool, False, unsupported("kohya's own attention kernel; use --sdpa"),
       "Use kohya's memory-efficient attention implementation."),
     F("--xformers", bool, False, DONE,
