@@ -87,7 +87,7 @@ class NetworkTrainer:
         keep = a.fp8_base or getattr(a, "fp8_base_unet", False) or self.weight_dtype() != torch.float32
         return load_models(a.pretrained_model_name_or_path, v2=bool(a.v2), v_parameterization=bool(a.v_parameterization),
                            vae=a.vae, tokenizer_cache_dir=a.tokenizer_cache_dir, expected=self.expected_families(),
-                           dtype=None if keep else torch.float32, mmap=not a.disable_mmap_load_safetensors)
+                           dtype=None if keep else torch.float32, mmap=not getattr(a, "disable_mmap_load_safetensors", False))
 
     def preflight(self) -> None:
         """Hook: checks that need neither the model nor the data (run before anything is loaded)."""
