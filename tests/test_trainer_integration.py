@@ -280,3 +280,55 @@ def test_save_n_epoch_ratio_saves_about_n_times(tiny_model_dir, data, tmp_path):
     assert sorted(p.name for p in tmp_path.glob("lora*.safetensors")) == [
         "lora-000002.safetensors", "lora-000004.safetensors", "lora-000006.safetensors", "lora.safetensors"]
 
+
+
+def _mask_dataset(root: Path, value: int) -> tuple[Path, Path]:
+    """Images with captions in ``root/img`` and same-stem mask images (R channel = ``value``) in ``root/mask``."""
+    from tests.data_fixtures import copy_photo
+
+    img, mask = root / "img", root / "mask"
+    mask.mkdir(parents=True)
+    for n in ("astronaut", "coffee"):
+        p = copy_photo(n, img, max_side=96)
+        p.with_suffix(".caption").write_text(f"a photo of {n}", encoding="utf-8")
+        with Image.open(p) as im:
+            Image.new("RGB", im.size, (value, 0, 0)).save(mask / f"{p.stem}.png")
+    return img, mask
+
+
+def test_masked_loss_with_conditioning_data_dir(tiny_model_dir, tmp_path):
+    """--masked_loss reads kohya's mask images from --conditioning_data_dir: a full mask trains exactly as
+    no mask at all; an empty mask gives zero loss, so the LoRA stays untrained."""
+    from tests.trainer_fixtures import assert_same_tensors
+
+    model = tiny_model_dir("sd1")
+    results = {}
+    for value in (255, 0):
+        img, mask = _mask_dataset(tmp_path / f"data{value}", value)
+        out = tmp_path / f"out{value}"
+        argv = train_argv(model, img, out, "--conditioning_data_dir", str(mask), "--masked_loss", steps=2)
+        assert run_in_process(argv) == 0
+        results[value] = lora_tensors(out / "lora.safetensors")
+    plain = train_argv(model, tmp_path / "data255" / "img", tmp_path / "plain", "--conditioning_data_dir",
+                       str(tmp_path / "data0" / "mask"), steps=2)  # masks present but --masked_loss off
+    assert run_in_process(plain) == 0
+    assert_same_tensors(results[255], lora_tensors(tmp_path / "plain" / "lora.safetensors"))
+    ups = [v for k, v in results[0].items() if k.endswith("lora_up.weight")]
+    assert ups and all(v.abs().sum() == 0 for v in ups)
+    assert any(v.abs().sum() > 0 for k, v in results[255].items() if k.endswith("lora_up.weight"))
+
+
+def test_masked_loss_mask_subsets_in_a_dataset_config(tiny_model_dir, tmp_path, capsys):
+    """kohya accepts ControlNet-style subsets (conditioning_data_dir = masks) in the TOML with --masked_loss only."""
+    img, mask = _mask_dataset(tmp_path / "data", 255)
+    config = tmp_path / "data.toml"
+    config.write_text(f'[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = "{img.as_posix()}"\n'
+                      f'conditioning_data_dir = "{mask.as_posix()}"\n', encoding="utf-8")
+    argv = train_argv(tiny_model_dir("sd1"), img, tmp_path / "out", "--dataset_config", str(config), steps=1)
+    i = argv.index("--train_data_dir")
+    del argv[i : i + 2]
+    assert run_in_process(argv) == 1
+    err = capsys.readouterr().err
+    assert "ControlNet datasets are not supported" in err and "add --masked_loss" in err
+    assert run_in_process(argv + ["--masked_loss"]) == 0
+    assert (tmp_path / "out" / "lora.safetensors").is_file()

@@ -168,8 +168,9 @@ def _dataset_kind(subsets: list[Mapping[str, Any]], loc: str, supported: dict[st
     kind = kinds[0]
     if not supported[kind]:
         ok = ", ".join(KIND_NAMES[k] for k, v in supported.items() if v)
+        hint = "; for mask images in conditioning_data_dir, add --masked_loss" if kind == "controlnet" else ""
         problems.append(f"{loc}: {KIND_NAMES[kind]} datasets are not supported by this training script "
-                        f"(supported: {ok})")
+                        f"(supported: {ok}){hint}")
         return None
     return kind
 

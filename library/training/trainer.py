@@ -116,7 +116,9 @@ class NetworkTrainer:
         from library.data.dataset import build_dataset_group
         from library.training.data import scale_batch_sizes
 
-        blueprint = scale_batch_sizes(build_blueprint_for_args(vars(self.args)), world)
+        # kohya: mask images come as ControlNet-style subsets (conditioning_data_dir) with --masked_loss
+        masked = bool(getattr(self.args, "masked_loss", False))
+        blueprint = scale_batch_sizes(build_blueprint_for_args(vars(self.args), support_controlnet=masked), world)
         return build_dataset_group(blueprint, seed=seed)
 
     def cache_latents(self, group: Any, vae: torch.nn.Module, accelerator: Any) -> None:

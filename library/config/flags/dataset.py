@@ -97,7 +97,7 @@ FLAGS = in_group("dataset", [
       "Loss weight of regularization images.", check=non_negative),
     F("--debug_dataset", bool, False, TODO, "Show the training images and captions instead of training."),
     F("--dataset_class", str, None, TODO, "Use a custom dataset class given as module.Class."),
-    F("--conditioning_data_dir", str, None, TODO,
+    F("--conditioning_data_dir", str, None, DONE,
       "Conditioning images for ControlNet-style training."),
     F("--weighted_captions", bool, False, TODO,
       "Enable (word:1.2) attention weights in captions, as in AUTOMATIC1111 prompts."),
