@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections import deque
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -71,23 +72,119 @@ def run_logging_dir(logging_dir: str | None, log_prefix: str | None) -> str | No
     return f"{logging_dir}/{log_prefix or ''}{time.strftime('%Y%m%d%H%M%S', time.localtime())}"
 
 
+# kohya's get_sanitized_config_or_none: never sent to a tracker (W&B runs may be public)
+_SECRET_ARGS = ("wandb_api_key", "huggingface_token")
+_PRIVATE_PATH_ARGS = ("pretrained_model_name_or_path", "vae", "tokenizer_cache_dir", "train_data_dir",
+                      "conditioning_data_dir", "reg_data_dir", "output_dir", "logging_dir")
+
+
+def sanitized_config(args) -> dict | None:
+    """``--log_config``: the run settings for the trackers' config panel, else ``None``.
+
+    Like kohya, API keys / tokens and local paths (model, data, output, logs) are left out;
+    sdtk also leaves out every flag declared ``secret``. Values accelerate's trackers cannot
+    store (lists, paths, ...) become their text.
+    """
+    if not getattr(args, "log_config", False):
+        return None
+    from library.config.flags import ALL_FLAGS
+
+    hidden = set(_SECRET_ARGS) | set(_PRIVATE_PATH_ARGS) | {f.dest for f in ALL_FLAGS if f.secret}
+    out: dict = {}
+    for key, value in vars(args).items():
+        if key in hidden or key.startswith("_"):  # "_..." are attributes added by the program, not flags
+            continue
+        out[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+def load_tracker_config(path: str, active: list[str] | None = None) -> dict[str, dict]:
+    """``--log_tracker_config``: ``{tracker name: init kwargs}`` from a TOML file.
+
+    Each top-level table names a tracker (``[wandb]``, ``[tensorboard]``...); its keys are
+    passed to that tracker's constructor (for W&B: ``wandb.init``). Raises ConfigError naming
+    the file (and the TOML line) when it is missing, unreadable or not made of tables.
+    """
+    import tomllib
+
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--log_tracker_config: file not found: {file}")
+    try:
+        with open(file, "rb") as f:
+            data = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        msg = str(e)
+        if "at end of document" in msg:  # tomllib names the line and column except for an unfinished file
+            msg += f" (line {len(file.read_text(encoding='utf-8', errors='replace').splitlines())}, the last line)"
+        raise ConfigError(f"--log_tracker_config: invalid TOML: {msg}", source=str(file)) from None
+    except OSError as e:
+        raise ConfigError(f"--log_tracker_config: cannot read it ({e})", source=str(file)) from None
+    problems = [f"top-level key {k!r} must be a table of settings for one tracker, e.g. [wandb] with "
+                f"name = \"my run\" under it" for k, v in data.items() if not isinstance(v, dict)]
+    if problems:
+        raise ConfigError(problems, source=str(file))
+    for name in data:
+        if active is not None and name not in active:
+            logger.warning("%s: section [%s] is ignored: %s is not among the trackers in use (%s)", file, name,
+                           name, ", ".join(active) or "none")
+    return data
+
+
+def tracker_init_kwargs(args, active: list[str]) -> dict[str, dict]:
+    """accelerate's ``init_kwargs``: the ``--log_tracker_config`` tables, then ``--wandb_run_name``
+    (which wins over a ``name`` in the file) and W&B's folder (``--logging_dir``, as kohya)."""
+    kwargs = load_tracker_config(args.log_tracker_config, active) if args.log_tracker_config else {}
+    if args.wandb_run_name:
+        kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
+    if "wandb" in active and args.logging_dir:
+        Path(args.logging_dir).mkdir(parents=True, exist_ok=True)  # wandb.init wants the folder to exist
+        kwargs.setdefault("wandb", {}).setdefault("dir", args.logging_dir)
+    return kwargs
+
+
+def check_tracker_args(args, active: list[str]) -> None:
+    """Up-front checks (before any model is loaded): the tracker TOML parses; W&B-only flags
+    without W&B are reported as ignored."""
+    if args.log_tracker_config:
+        if not active:
+            logger.warning("--log_tracker_config is ignored: no tracker is in use (set --logging_dir or --log_with)")
+        load_tracker_config(args.log_tracker_config, active)
+    if "wandb" not in active:
+        for flag in ("wandb_run_name", "wandb_api_key"):
+            if getattr(args, flag, None):
+                logger.warning("--%s is ignored: W&B is not among the trackers (use --log_with wandb or all)", flag)
+
+
+def _wandb_login(key: str) -> None:
+    try:
+        import wandb
+    except ImportError as e:
+        raise ConfigError("--wandb_api_key needs the 'wandb' package: pip install 'sdtk[log]' "
+                          "(or pip install wandb)") from e
+    wandb.login(key=key)
+
+
 def init_trackers(accelerator, args, default_name: str, config: dict | None = None) -> None:
-    """Start the trackers (main process), with kohya's ``--log_tracker_name``, ``--log_tracker_config``
-    (a TOML of per-tracker init kwargs), ``--wandb_run_name`` and ``--wandb_api_key``."""
+    """Start the trackers (main process only) as kohya does.
+
+    Project name ``--log_tracker_name`` (else ``default_name``); init kwargs from
+    :func:`tracker_init_kwargs`; with W&B, ``--wandb_api_key`` logs in first; the config sent
+    is :func:`sanitized_config` (only with ``--log_config``).
+
+    Args:
+        config: ignored; kept so older callers still work (the config is derived from ``args``
+            so that secrets are filtered in one place).
+    """
+    del config
     if not accelerator.is_main_process or not (args.log_with or args.logging_dir):
         return
-    init_kwargs: dict = {}
-    if getattr(args, "log_tracker_config", None):
-        import toml
+    # accelerate's tracker types, or GeneralTracker objects a caller gave it
+    from accelerate.tracking import GeneralTracker
 
-        try:
-            init_kwargs = toml.load(args.log_tracker_config)
-        except (OSError, toml.TomlDecodeError) as e:
-            raise ConfigError(f"--log_tracker_config {args.log_tracker_config}: cannot read it ({e})") from e
-    if getattr(args, "wandb_run_name", None):
-        init_kwargs.setdefault("wandb", {})["name"] = args.wandb_run_name
-    if getattr(args, "wandb_api_key", None):
-        import wandb
-
-        wandb.login(key=args.wandb_api_key)
-    accelerator.init_trackers(args.log_tracker_name or default_name, config=config, init_kwargs=init_kwargs)
+    active = [t.name if isinstance(t, GeneralTracker) else str(t) for t in accelerator.log_with]
+    init_kwargs = tracker_init_kwargs(args, active)
+    if "wandb" in active and getattr(args, "wandb_api_key", None):
+        _wandb_login(args.wandb_api_key)
+    accelerator.init_trackers(args.log_tracker_name or default_name, config=sanitized_config(args),
+                              init_kwargs=init_kwargs)

@@ -24,20 +24,89 @@ logger = logging.getLogger(__name__)
 
 
 def make_accelerator(args: Any):
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    """The run's ``Accelerator``: trackers, mixed precision and the process-group / DDP options.
 
-    from library.training.progress import resolve_trackers, run_logging_dir
-
-    trackers = resolve_trackers(args.log_with, args.logging_dir)
-    handlers = [InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout))] if args.ddp_timeout else []
-    # torchrun / accelerate on a machine without a GPU: accelerate needs cpu=True to form the gloo group
+    ``--ddp_gradient_as_bucket_view`` / ``--ddp_static_graph`` reach accelerate as a
+    ``DistributedDataParallelKwargs`` handler (kohya's way). sdtk itself never wraps the network
+    in DDP (it sums the LoRA gradients with one all-reduce per optimizer step), so these options
+    only matter for models a plugin prepares with accelerate.
+    """
     import os
 
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from library.training.progress import check_tracker_args, resolve_trackers, run_logging_dir
+
+    trackers = resolve_trackers(args.log_with, args.logging_dir)
+    check_tracker_args(args, trackers)  # a broken --log_tracker_config fails now, not after model loading
+    handlers: list[Any] = []
+    if args.ddp_timeout:
+        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+    if args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
+        handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=bool(args.ddp_gradient_as_bucket_view),
+                                                      static_graph=bool(args.ddp_static_graph)))
+    # torchrun / accelerate on a machine without a GPU: accelerate needs cpu=True to form the gloo group
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(cpu=cpu, mixed_precision=args.mixed_precision or "no", gradient_accumulation_steps=1,
                        log_with=trackers or None,
                        project_dir=run_logging_dir(args.logging_dir, args.log_prefix), kwargs_handlers=handlers)
+
+
+# kohya's --dynamo_backend choices (accelerate's names) -> torch.compile backend names
+_BACKEND_ALIASES = {"tensort": "tensorrt", "fx2trt": "tensorrt"}
+# backends that torch registers only once their package is imported
+_BACKEND_PACKAGES = {"tensorrt": "torch_tensorrt", "ipex": "intel_extension_for_pytorch", "tvm": "tvm",
+                     "onnxrt": "onnxruntime"}
+
+
+def compile_backend(name: str, cuda: bool) -> str:
+    """The ``torch.compile`` backend for ``--dynamo_backend NAME``, checked to be usable here.
+
+    Raises:
+        ConfigError: the backend does not exist in this PyTorch or needs a missing package /
+            compiler.
+    """
+    import importlib
+    import importlib.util
+    import shutil
+
+    import torch._dynamo
+
+    backend = _BACKEND_ALIASES.get(name.lower(), name.lower())
+    package = _BACKEND_PACKAGES.get(backend)
+    if package is not None:
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"--dynamo_backend {name} needs the '{package}' package; install it or use "
+                              "--dynamo_backend inductor (or eager / aot_eager to check that compiling works)")
+        if backend in ("tensorrt", "ipex"):
+            importlib.import_module(package)  # importing it registers the backend with torch
+    available = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in available:
+        raise ConfigError(f"--dynamo_backend {name} is not available in PyTorch {torch.__version__} "
+                          f"(it has: {', '.join(b for b in available if 'TESTING' not in b)}); "
+                          "use inductor (the default), aot_eager or eager")
+    if backend == "inductor":
+        if cuda and importlib.util.find_spec("triton") is None:
+            raise ConfigError("--dynamo_backend inductor on a GPU needs the 'triton' package (pip install triton); "
+                              "or use --dynamo_backend aot_eager / eager")
+        if not cuda and not any(shutil.which(c) for c in ("g++", "c++", "clang++", "cl")):
+            raise ConfigError("--dynamo_backend inductor on the CPU needs a C++ compiler (g++ or clang++) on PATH; "
+                              "or use --dynamo_backend aot_eager / eager")
+    return backend
+
+
+def compile_unet(unet: torch.nn.Module, backend: str) -> None:
+    """``--torch_compile``: compile the U-Net in place, after the network is applied to it.
+
+    kohya lets ``accelerator.prepare(unet)`` wrap it in ``torch.compile``; that wrapper prefixes
+    every state-dict key with ``_orig_mod.``. ``nn.Module.compile`` compiles the module's own
+    call instead, so the U-Net object, its keys and the network's hooks stay as they were:
+    saving, sampling and resuming see no difference. Compilation happens at the first call
+    (and again when shapes or train/eval mode change).
+    """
+    unet.compile(backend=backend)
+    logger.info("--torch_compile: the U-Net will be compiled with the %r backend at its first call", backend)
 
 
 def check_args(args: Any) -> None:
@@ -53,9 +122,17 @@ def check_args(args: Any) -> None:
         problems.append("--xformers needs a CUDA GPU (and the xformers package); on this machine use --sdpa")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
+    if getattr(args, "torch_compile", False):
+        try:
+            compile_backend(args.dynamo_backend, torch.cuda.is_available())
+        except ConfigError as e:
+            problems += e.problems
     from library.training.step import check_loss_and_noise_args
 
     problems += check_loss_and_noise_args(args)
+    from library.training.state import initial_step_problems
+
+    problems += initial_step_problems(args)
     if problems:
         raise ConfigError(problems)
 
@@ -161,6 +238,8 @@ def setup_session(t: NetworkTrainer) -> Session:
         network.enable_gradient_checkpointing()
     network.prepare_grad_etc(model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders,
                              model.unet)
+    if a.torch_compile:  # after the network hooks are in place and the modes / devices are final
+        compile_unet(model.unet, compile_backend(a.dynamo_backend, acc.device.type == "cuda"))
     params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
     if not params:
         raise TrainingError("the network has no trainable parameters: check --network_train_unet_only / "

@@ -45,8 +45,8 @@ FLAGS = in_group("model", [
       "Use xformers memory-efficient attention (optional package, CUDA only)."),
     F("--sdpa", bool, False, DONE,
       "Use PyTorch's scaled_dot_product_attention (fast and memory-efficient; recommended)."),
-    F("--torch_compile", bool, False, TODO, "Compile the U-Net with torch.compile."),
-    F("--dynamo_backend", str, "inductor", TODO, "Backend for --torch_compile.",
+    F("--torch_compile", bool, False, DONE, "Compile the U-Net with torch.compile."),
+    F("--dynamo_backend", str, "inductor", DONE, "Backend for --torch_compile.",
       choices=["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs",
                "ofi", "fx2trt", "onnxrt", "tensort", "ipex", "tvm"]),
 ])
