@@ -8,8 +8,10 @@ optimizer step therefore continues bit-identically, however often a run is resum
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ from library.training import saving as S
 from library.training.data import iterate_epoch
 from library.training.optimizers import adaptive_lr_logs, eval_mode, set_train_mode
 from library.training.progress import LossRecorder, init_trackers, make_progress_bar
-from library.training.state import Progress, TrainState, capture_rng, load_state, restore_rng, save_state
+from library.training.state import (Progress, TrainState, capture_rng, load_state, restore_rng, save_state,
+                                    start_progress)
 from library.training.validation import Validator, should_validate_epoch, should_validate_step
 
 logger = logging.getLogger(__name__)
@@ -42,9 +45,11 @@ def run_signature(s: Any) -> dict[str, Any]:
 
 def make_state(s: Any, progress: Progress) -> TrainState:
     scaler = getattr(s.accelerator, "scaler", None)
+    data_epoch, position = divmod(progress.epoch * s.plan.batches_per_epoch + progress.batch_in_epoch
+                                  - progress.data_shift, s.plan.batches_per_epoch)
     return TrainState(progress=Progress(**vars(progress)), network=s.network.state_dict(),
                       optimizer=s.optimizer.state_dict(), scheduler=s.lr_scheduler.state_dict(), rng=capture_rng(),
-                      data={"epoch": progress.epoch + 1, "position": progress.batch_in_epoch,
+                      data={"epoch": data_epoch + 1, "position": position,
                             "epoch_losses": list(s.loss_recorder.values) if s.loss_recorder else []},
                       signature=run_signature(s), scaler=scaler.state_dict() if scaler is not None else None)
 
@@ -69,6 +74,58 @@ def resume(s: Any) -> Progress:
     logger.info("resumed from %s: epoch %d, step %d, batch %d of the epoch", s.args.resume, p.epoch + 1,
                 p.global_step, p.batch_in_epoch)
     return p
+
+
+def start(s: Any) -> Progress:
+    """The counters to start from: ``--resume``'s, ``--initial_step`` / ``--initial_epoch``'s, or zero.
+
+    A run started at step N also moves the LR schedule to step N (kohya restarts the schedule
+    unless a state is loaded; continuing it is what starting "at step N" means for the LR).
+    """
+    a = s.args
+    if a.resume:
+        if a.skip_until_initial_step:
+            logger.info("--skip_until_initial_step: a resumed run always continues the data order exactly")
+        return resume(s)
+    p = start_progress(a.initial_step, a.initial_epoch, bool(a.skip_until_initial_step),
+                       steps_per_epoch=s.plan.steps_per_epoch, batches_per_epoch=s.plan.batches_per_epoch,
+                       grad_accum=a.gradient_accumulation_steps, max_train_steps=s.max_train_steps)
+    if p.global_step == 0:
+        if a.skip_until_initial_step:
+            logger.warning("--skip_until_initial_step does nothing without --initial_step or --initial_epoch")
+        return p
+    if a.initial_step is not None and a.initial_epoch is not None:
+        logger.info("--initial_step %d overrides --initial_epoch %d", a.initial_step, a.initial_epoch)
+    with warnings.catch_warnings():  # PyTorch warns about a scheduler step before any optimizer step
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(p.global_step):
+            s.lr_scheduler.step()
+    logger.info("starting at step %d (epoch %d, batch %d of the epoch); the data %s", p.global_step, p.epoch + 1,
+                p.batch_in_epoch, "order from its first batch" if p.data_shift else
+                "of the skipped steps is skipped (--skip_until_initial_step)")
+    return p
+
+
+def _epoch_data(plan: Any, progress: Progress, num_workers: int) -> Any:
+    """``(position, slice, batch)`` for the rest of epoch ``progress.epoch``.
+
+    Positions count in the epoch being trained; the batches are the data order's at those
+    positions, or ``progress.data_shift`` batches earlier (possibly across a data epoch's end).
+    Skipped batches are never loaded: the plan jumps to a position directly.
+    """
+    per = plan.batches_per_epoch
+    pos = progress.batch_in_epoch
+    if progress.data_shift == 0:
+        yield from iterate_epoch(plan, progress.epoch + 1, pos, num_workers)
+        return
+    data_index = progress.epoch * per + pos - progress.data_shift
+    while pos < per:
+        data_epoch, data_pos = divmod(data_index, per)
+        n = min(per - data_pos, per - pos)
+        for _, sl, batch in itertools.islice(iterate_epoch(plan, data_epoch + 1, data_pos, num_workers), n):
+            yield pos, sl, batch
+            pos += 1
+        data_index += n
 
 
 def _all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
@@ -115,7 +172,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
     policy = S.SavePolicy(every_n_epochs, a.save_every_n_steps, a.save_last_n_epochs, a.save_last_n_steps,
                           a.save_last_n_epochs_state, a.save_last_n_steps_state, bool(a.save_state),
                           bool(a.save_state_on_train_end))
-    progress = resume(s) if a.resume else Progress()
+    progress = start(s)
     set_train_mode(s.optimizer, True)  # schedule-free: a state may have been saved in eval mode
     validator = Validator.create(t, s)
     val_loss: float | None = None
@@ -125,7 +182,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
     init_trackers(acc, a, "network_train", config=_tracker_config(a))
     logger.info("training: %d steps, %d epochs, %d batches per epoch, %d process(es)", s.max_train_steps,
                 s.num_epochs, per_epoch, acc.num_processes)
-    if progress.global_step == 0 and not a.resume:
+    if not a.resume:  # --sample_at_first; kohya samples before a run from --initial_step too (named step 0)
         t.sample_images(s, 0, None)
     bar = make_progress_bar(s.max_train_steps, progress.global_step, acc.is_main_process)
     recorder = s.loss_recorder = s.loss_recorder or LossRecorder()
@@ -134,7 +191,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
         epoch_no = progress.epoch + 1
         s.network.on_epoch_start(te, unet)
         finished_epoch = True
-        for pos, sl, batch in iterate_epoch(s.plan, epoch_no, progress.batch_in_epoch, a.max_data_loader_n_workers):
+        for pos, sl, batch in _epoch_data(s.plan, progress, a.max_data_loader_n_workers):
             window_start = (pos // accum) * accum
             window = min(accum, per_epoch - window_start)
             sync = pos + 1 == min(window_start + accum, per_epoch)
@@ -252,7 +309,8 @@ def _stop_on_nan(t: Any, s: Any, progress: Progress, out_dir: Path, epoch_no: in
     # the state is that of the last completed optimizer step: drop a partial accumulation window
     good = Progress(progress.epoch, progress.global_step,
                     progress.batch_in_epoch - progress.batch_in_epoch % max(1, s.args.gradient_accumulation_steps),
-                    progress.micro_step - progress.batch_in_epoch % max(1, s.args.gradient_accumulation_steps))
+                    progress.micro_step - progress.batch_in_epoch % max(1, s.args.gradient_accumulation_steps),
+                    progress.data_shift)
     _write_state(s, good, folder)
     raise TrainingError(
         f"the loss became NaN/inf at step {progress.global_step + 1} (epoch {epoch_no}); training stopped and the "

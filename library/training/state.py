@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from library.errors import TrainingError
+from library.errors import ConfigError, TrainingError
 from library.utils.atomic import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -44,12 +44,16 @@ class Progress:
         global_step: optimizer steps done.
         batch_in_epoch: global batches of ``epoch`` already consumed.
         micro_step: forward/backward passes done (seeds each pass's noise).
+        data_shift: global batches the data order lags behind the counters: a run started at
+            ``--initial_step`` without ``--skip_until_initial_step`` counts from that step but
+            reads the data from its first batch (kohya). 0 otherwise.
     """
 
     epoch: int = 0
     global_step: int = 0
     batch_in_epoch: int = 0
     micro_step: int = 0
+    data_shift: int = 0
 
 
 @dataclass
@@ -93,10 +97,13 @@ def save_state(folder: str | Path, state: TrainState) -> Path:
         torch.save(state.rng, tmp / "rng.pt")
         if state.scaler is not None:
             torch.save(state.scaler, tmp / "scaler.pt")
+        progress = asdict(state.progress)
+        # kept beside the data position, so "progress" holds the same four counters as ever
+        data = {**state.data, "data_shift": progress.pop("data_shift")}
         meta = {
             "sdtk_state_version": STATE_VERSION,
-            "progress": asdict(state.progress),
-            "data": state.data,
+            "progress": progress,
+            "data": data,
             "signature": state.signature,
             # kohya's keys, for tools that read them
             "current_epoch": state.progress.epoch,
@@ -136,7 +143,7 @@ def load_state(folder: str | Path, expected_signature: dict[str, Any] | None = N
                                 + "\nresume with the settings of the original run")
     load = lambda name: torch.load(folder / name, map_location="cpu", weights_only=False)  # noqa: E731
     return TrainState(
-        progress=Progress(**meta["progress"]),
+        progress=Progress(**meta["progress"], data_shift=int(meta.get("data", {}).get("data_shift", 0))),
         network=load("network.pt"),
         optimizer=load("optimizer.pt"),
         scheduler=load("scheduler.pt"),
@@ -145,3 +152,49 @@ def load_state(folder: str | Path, expected_signature: dict[str, Any] | None = N
         signature=signature,
         scaler=load("scaler.pt") if (folder / "scaler.pt").is_file() else None,
     )
+
+
+def initial_step_problems(args: Any) -> list[str]:
+    """What is wrong with ``--initial_step`` / ``--initial_epoch`` before anything is loaded.
+
+    (A start at or past the end that needs the data's size to see is caught by :func:`start_progress`.)
+    """
+    given = [f"--{name}" for name in ("initial_step", "initial_epoch") if getattr(args, name, None) is not None]
+    problems = []
+    if given and getattr(args, "resume", None):
+        problems.append(f"{' and '.join(given)} cannot be combined with --resume: the state already continues at "
+                        "its own step, data order included (kohya would ignore the state's step); drop one of them")
+    step = getattr(args, "initial_step", None)
+    if step is not None and not getattr(args, "max_train_epochs", None) and step >= args.max_train_steps:
+        problems.append(f"--initial_step {step} must be less than --max_train_steps {args.max_train_steps} "
+                        "(training stops at --max_train_steps, counted from step 0)")
+    return problems
+
+
+def start_progress(initial_step: int | None, initial_epoch: int | None, skip_data: bool, *,
+                   steps_per_epoch: int, batches_per_epoch: int, grad_accum: int, max_train_steps: int) -> Progress:
+    """The counters of a run that starts at ``--initial_step`` / ``--initial_epoch`` without a state (kohya).
+
+    ``--initial_step`` wins over ``--initial_epoch`` (1-based: epoch E starts at step
+    ``(E - 1) * steps_per_epoch``). The counters are those of a run that did those steps, so the
+    schedules, saves and ``max_train_steps`` count from there. With ``skip_data`` the data order
+    continues where those steps would have left it; without, it starts from its first batch.
+
+    Raises:
+        ConfigError: the start is at or past ``max_train_steps``.
+    """
+    if initial_step is not None:
+        step, given = initial_step, f"--initial_step {initial_step}"
+    elif initial_epoch is not None:
+        step = (initial_epoch - 1) * steps_per_epoch
+        given = f"--initial_epoch {initial_epoch} (step {step}, {steps_per_epoch} steps per epoch)"
+    else:
+        return Progress()
+    if step >= max_train_steps:
+        raise ConfigError(f"{given} is not before the end of training at step {max_train_steps} "
+                          "(--max_train_steps, or --max_train_epochs x steps per epoch); lower it or train longer")
+    epoch, step_in_epoch = divmod(step, steps_per_epoch)
+    batch = step_in_epoch * max(1, grad_accum)  # < batches_per_epoch: the epoch's last step may be short
+    consumed = epoch * batches_per_epoch + batch
+    return Progress(epoch=epoch, global_step=step, batch_in_epoch=batch, micro_step=consumed,
+                    data_shift=0 if skip_data else consumed)
