@@ -73,9 +73,10 @@ class SdxlNetworkTrainer(NetworkTrainer):
         def encode(captions: list[str]):
             with torch.no_grad(), accelerator.autocast():
                 return family.encode_prompts(model.text_encoders, model.tokenizers, captions, a.max_token_length,
-                                             None, accelerator.device)
+                                             None, accelerator.device, weighted=bool(a.weighted_captions))
 
-        fingerprint = te_cache.encoder_fingerprint(model.text_encoders, model.tokenizers, a.max_token_length)
+        fingerprint = te_cache.encoder_fingerprint(model.text_encoders, model.tokenizers, a.max_token_length,
+                                                   weighted=bool(a.weighted_captions))
         kwargs = dict(to_disk=bool(a.cache_text_encoder_outputs_to_disk), batch_size=a.vae_batch_size or 1,
                       skip_cache_check=bool(a.skip_cache_check), progress=accelerator.is_main_process)
         if kwargs["to_disk"] and accelerator.num_processes > 1 and not accelerator.is_main_process:

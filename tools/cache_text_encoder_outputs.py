@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache_text_encoder_outputs_to_disk", action="store_true",
                    help="accepted for kohya parity (this tool always writes to disk)")
     p.add_argument("--sdxl", action="store_true", help="accepted for kohya parity (the family is detected)")
+    p.add_argument("--weighted_captions", action="store_true",
+                   help="captions use A1111 attention syntax, e.g. (word:1.2); use the training run's value")
     p.add_argument("--console_log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"])
     add_dataset_arguments(p)
     return p
@@ -73,9 +75,10 @@ def cache_for_args(args: argparse.Namespace, model=None):
         with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda" and dtype != torch.float32,
                                              dtype=dtype if dtype != torch.float32 else torch.bfloat16):
             return adapter.encode_prompts(model.text_encoders, model.tokenizers, captions, args.max_token_length,
-                                          None, device)
+                                          None, device, weighted=args.weighted_captions)
 
-    fingerprint = te_cache.encoder_fingerprint(model.text_encoders, model.tokenizers, args.max_token_length)
+    fingerprint = te_cache.encoder_fingerprint(model.text_encoders, model.tokenizers, args.max_token_length,
+                                               weighted=args.weighted_captions)
     _, stats = te_cache.cache_text_encoder_outputs(
         group.samples(), encode, fingerprint, to_disk=True, batch_size=args.text_encoder_batch_size or 1,
         skip_cache_check=args.skip_cache_check, rebuild=not args.skip_existing, progress=True)

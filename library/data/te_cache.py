@@ -82,10 +82,12 @@ def fixed_caption(sample: Any) -> str:
                            rng=random.Random(0))
 
 
-def encoder_fingerprint(text_encoders: list, tokenizers: list, max_token_length: int | None) -> str:
+def encoder_fingerprint(text_encoders: list, tokenizers: list, max_token_length: int | None,
+                        weighted: bool = False) -> str:
     """A short id of everything that decides the outputs: encoders (config, sampled weights,
     dtype), tokenizers (vocabulary size, length, special tokens) and ``max_token_length``."""
-    h = hashlib.sha256(f"{FORMAT}|{max_token_length}".encode())
+    # weighted captions encode differently; unweighted fingerprints stay as before (existing caches remain valid)
+    h = hashlib.sha256(f"{FORMAT}|{max_token_length}{'|weighted' if weighted else ''}".encode())
     for te in text_encoders:
         cfg = te.config.to_dict() if hasattr(te.config, "to_dict") else dict(te.config)
         h.update(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_") and k != "transformers_version"},

@@ -69,6 +69,40 @@ def tokenize_captions(tokenizer: Any, captions: list[str], max_token_length: int
     return torch.stack([_chunk(row, tokenizer, total) for row in ids])
 
 
+def tokenize_captions_weighted(tokenizer: Any, captions: list[str], max_token_length: int | None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``--weighted_captions``: A1111 attention syntax (``(word:1.2)``, ``[word]``) in captions.
+
+    The syntax is removed from the text and each token gets its weight; the ids are laid out in
+    the same chunks as :func:`tokenize_captions` (a caption without weights gets the same ids).
+
+    Returns:
+        ``(ids, weights)``: LongTensor ``[B, n_chunks, 77]`` and FloatTensor ``[B, n_chunks, 77]``
+        (1 on BOS/EOS/padding).
+    """
+    from library.inference.prompt_weighting import chunk_ids, tokenize_weighted
+
+    validate_max_token_length(max_token_length)
+    n_chunks = 1 if max_token_length is None else max_token_length // 75
+    body = tokenizer.model_max_length - 2
+    ids, weights = [], []
+    for caption in captions:
+        toks, w, _ = tokenize_weighted(tokenizer, caption, n_chunks * body)
+        row, row_w = chunk_ids(tokenizer, toks, w, n_chunks)
+        ids.append(row)
+        weights.append(row_w.reshape(n_chunks, -1))
+    return torch.stack(ids), torch.stack(weights)
+
+
+def merge_chunk_weights(weights: torch.Tensor) -> torch.Tensor:
+    """Per-token weights ``[B, n, 77]`` in the merged long-prompt layout ``[B, 75 * n + 2]``
+    (BOS of the first chunk, the 75 middle tokens of each chunk, the last chunk's final token)."""
+    b, n, length = weights.shape
+    if n == 1:
+        return weights[:, 0]
+    return torch.cat([weights[:, 0, :1], weights[:, :, 1 : length - 1].reshape(b, -1), weights[:, -1, -1:]], dim=1)
+
+
 def count_tokens(tokenizer: Any, caption: str) -> int:
     """Number of tokens of a caption without BOS/EOS and without truncation."""
     ids = tokenizer(caption, truncation=False, add_special_tokens=False, verbose=False).input_ids

@@ -62,10 +62,40 @@ class FamilyAdapter(ABC):
         """The diffusers pipeline class that renders samples for this family."""
 
     def encode_prompts(self, text_encoders: list, tokenizers: list, prompts: list[str],
-                       max_token_length: int | None, clip_skip: int | None, device: torch.device) -> Conditioning:
-        """Tokenize and encode ``prompts`` in one call (sampling, caching)."""
-        ids = [t.to(device) for t in self.tokenize(tokenizers, prompts, max_token_length)]
-        return self.encode(text_encoders, tokenizers, ids, clip_skip)
+                       max_token_length: int | None, clip_skip: int | None, device: torch.device,
+                       weighted: bool = False) -> Conditioning:
+        """Tokenize and encode ``prompts`` in one call (sampling, caching); ``weighted``: see
+        :meth:`tokenize_weighted`."""
+        if not weighted:
+            ids = [t.to(device) for t in self.tokenize(tokenizers, prompts, max_token_length)]
+            return self.encode(text_encoders, tokenizers, ids, clip_skip)
+        ids, weights = self.tokenize_weighted(tokenizers, prompts, max_token_length)
+        cond = self.encode(text_encoders, tokenizers, [t.to(device) for t in ids], clip_skip)
+        return self.apply_token_weights(cond, weights, text_encoders)
+
+    n_text_encoders = 1  # how many of the model's tokenizers/text encoders the family uses
+
+    def tokenize_weighted(self, tokenizers: list, captions: list[str], max_token_length: int | None
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``--weighted_captions``: ids as :meth:`tokenize` gives them for the captions without the
+        attention syntax, and per-token weights, each ``[B, n_chunks, 77]`` per tokenizer."""
+        from library.data.tokenize import tokenize_captions_weighted
+
+        pairs = [tokenize_captions_weighted(tok, captions, max_token_length)
+                 for tok in tokenizers[: self.n_text_encoders]]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def apply_token_weights(self, cond: Conditioning, weights: list[torch.Tensor], text_encoders: list) -> Conditioning:
+        """Multiply each token's hidden state by its weight, as kohya's weighted captions do (no
+        renormalisation; the pooled embedding is not weighted). The states of several text
+        encoders are concatenated along features, each weighted by its own tokenizer's weights."""
+        from library.data.tokenize import merge_chunk_weights
+
+        widths = [te.config.hidden_size for te in text_encoders[: self.n_text_encoders]]
+        parts = cond.hidden_states.split(widths, dim=-1)
+        hidden = torch.cat([part * merge_chunk_weights(w).to(part.device, part.dtype).unsqueeze(-1)
+                            for part, w in zip(parts, weights)], dim=-1)
+        return Conditioning(hidden, cond.pooled)
 
 
 _REGISTRY: dict[Family, Callable[[], FamilyAdapter]] = {}

@@ -74,6 +74,7 @@ class SDXLAdapter(FamilyAdapter):
     """SDXL base: TE1 + TE2 penultimate states (2048 features), TE2 pooled output, time ids."""
 
     family = Family.SDXL
+    n_text_encoders = 2
 
     def tokenize(self, tokenizers: list, captions: list[str], max_token_length: int | None) -> list[torch.Tensor]:
         from library.data.tokenize import tokenize_captions

@@ -180,11 +180,16 @@ class NetworkTrainer:
 
     # ------------------------------------------------------------------ per-step maths
     def encode_text(self, s: Session, batch: dict[str, Any]) -> Conditioning:
-        ids = s.family.tokenize(s.model.tokenizers, batch["captions"], self.args.max_token_length)
-        device = s.accelerator.device
-        ids = [t.to(device) for t in ids]
+        a, captions, tokenizers = self.args, batch["captions"], s.model.tokenizers
+        weights = None
+        if getattr(a, "weighted_captions", False):
+            ids, weights = s.family.tokenize_weighted(tokenizers, captions, a.max_token_length)
+        else:
+            ids = s.family.tokenize(tokenizers, captions, a.max_token_length)
+        ids = [t.to(s.accelerator.device) for t in ids]
         with torch.set_grad_enabled(s.train_text_encoder), s.accelerator.autocast():
-            return s.family.encode(s.model.text_encoders, s.model.tokenizers, ids, self.args.clip_skip)
+            cond = s.family.encode(s.model.text_encoders, tokenizers, ids, a.clip_skip)
+            return cond if weights is None else s.family.apply_token_weights(cond, weights, s.model.text_encoders)
 
     def batch_latents(self, s: Session, batch: dict[str, Any], gens: list[torch.Generator]) -> torch.Tensor:
         """Scaled latents ``[B, 4, h, w]`` (cached, or encoded now without gradients).

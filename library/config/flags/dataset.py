@@ -99,6 +99,6 @@ FLAGS = in_group("dataset", [
     F("--dataset_class", str, None, TODO, "Use a custom dataset class given as module.Class."),
     F("--conditioning_data_dir", str, None, DONE,
       "Conditioning images for ControlNet-style training."),
-    F("--weighted_captions", bool, False, TODO,
+    F("--weighted_captions", bool, False, DONE,
       "Enable (word:1.2) attention weights in captions, as in AUTOMATIC1111 prompts."),
 ])
