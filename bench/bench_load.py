@@ -150,6 +150,8 @@ def measure(path: Path, dtype_name: str) -> dict:
 
 def run(families: list[str], dtypes: list[str], workdir: Path | None, keep: bool) -> list[dict]:
     rows = []
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.TemporaryDirectory(dir=workdir) if not keep else None
     folder = Path(tmp.name) if tmp else Path(workdir or tempfile.mkdtemp())
     try:

@@ -284,11 +284,11 @@ def test_gui_style_off_values_are_accepted_for_unimplemented_flags(tmp_path):
     # configs written by GUIs spell "off" as 0 / "" for flags kohya tests by truthiness
     cfg = tmp_path / "gui.toml"
     cfg.write_text('multires_noise_iterations = 0\nip_noise_gamma = 0\nmax_timestep = 1000\n'
-                   'log_tracker_config = ""\nlr_scheduler_args = []\nloss_type = "l2"\ndeepspeed = false\n'
+                   'dataset_class = ""\nlr_scheduler_args = []\nloss_type = "l2"\ndeepspeed = false\n'
                    'min_snr_gamma = 0\n')
     ns = A.parse_args("train_network", ["--config_file", str(cfg)])
     # a flag sdtk does not implement always holds its default in the namespace
-    assert ns.log_tracker_config is None and ns.deepspeed is False
+    assert ns.dataset_class is None and ns.deepspeed is False
     # implemented: kept as given (0 = off, as in kohya)
     assert ns.min_snr_gamma == 0 and ns.multires_noise_iterations == 0 and ns.max_timestep == 1000
     cfg.write_text("debug_dataset = true\n")

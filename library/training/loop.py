@@ -149,12 +149,6 @@ def _global_loss(acc: Any, loss: torch.Tensor) -> float:
     return float(acc.reduce(loss.detach().clone(), reduction="sum"))
 
 
-def _tracker_config(a: Any) -> dict[str, Any]:
-    """Scalar run settings for the trackers' config panel (what TensorBoard/W&B accept)."""
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(a).items()
-            if v is not None and not k.startswith(("wandb_api_key", "huggingface_token"))}
-
-
 def _te_arg(s: Any):
     tes = s.model.text_encoders
     return tes[0] if len(tes) == 1 else tes
@@ -179,7 +173,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
     caps = capabilities_of(s.network)
     accum = max(1, a.gradient_accumulation_steps)
     per_epoch = s.plan.batches_per_epoch
-    init_trackers(acc, a, "network_train", config=_tracker_config(a))
+    init_trackers(acc, a, "network_train")
     logger.info("training: %d steps, %d epochs, %d batches per epoch, %d process(es)", s.max_train_steps,
                 s.num_epochs, per_epoch, acc.num_processes)
     if not a.resume:  # --sample_at_first; kohya samples before a run from --initial_step too (named step 0)

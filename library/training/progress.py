@@ -165,18 +165,13 @@ def _wandb_login(key: str) -> None:
     wandb.login(key=key)
 
 
-def init_trackers(accelerator, args, default_name: str, config: dict | None = None) -> None:
+def init_trackers(accelerator, args, default_name: str) -> None:
     """Start the trackers (main process only) as kohya does.
 
     Project name ``--log_tracker_name`` (else ``default_name``); init kwargs from
     :func:`tracker_init_kwargs`; with W&B, ``--wandb_api_key`` logs in first; the config sent
-    is :func:`sanitized_config` (only with ``--log_config``).
-
-    Args:
-        config: ignored; kept so older callers still work (the config is derived from ``args``
-            so that secrets are filtered in one place).
+    is :func:`sanitized_config` (only with ``--log_config``; secrets are filtered there, in one place).
     """
-    del config
     if not accelerator.is_main_process or not (args.log_with or args.logging_dir):
         return
     # accelerate's tracker types, or GeneralTracker objects a caller gave it
