@@ -23,6 +23,23 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # shared, noisy machines: determinism and stable timings
 
 
+@pytest.fixture(autouse=True)
+def _isolated_logging():
+    """Entry points run in-process (in tests or in module fixtures) configure the root logger;
+    remove the console/file handlers they installed after each test, so no test sees output or
+    levels left by another test's script."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for h in list(root.handlers):
+        if getattr(h, "sdtk_console", False):
+            root.removeHandler(h)
+            h.close()
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """``tiny_model_dir(family, fmt)`` -> path of a tiny model (``fmt``: "diffusers" or "single_file").

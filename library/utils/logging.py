@@ -3,9 +3,26 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 _THIRD_PARTY = ("diffusers", "transformers", "accelerate", "PIL", "huggingface_hub", "bitsandbytes", "urllib3")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A console handler that writes to whatever ``sys.stderr`` is when a record is emitted, so a
+    redirected or replaced stderr (a wrapper, a test's capture) never leaves it writing to a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # logging.StreamHandler.__init__ assigns it
+        pass
 
 
 def configure_logging(args: Any = None, default_level: str = "INFO") -> None:
@@ -15,11 +32,13 @@ def configure_logging(args: Any = None, default_level: str = "INFO") -> None:
     purpose (e.g. casting a model's dtype) or optional packages sdtk does not use are noise for users.
     """
     level = getattr(args, "console_log_level", None) or default_level
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    handlers: list[logging.Handler] = [_StderrHandler()]
     if getattr(args, "console_log_file", None):
         handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
     simple = getattr(args, "console_log_simple", False)
     fmt = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    for h in handlers:
+        h.sdtk_console = True  # type: ignore[attr-defined]  (lets test fixtures find and remove them)
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
     for name in _THIRD_PARTY:
         logging.getLogger(name).setLevel(logging.ERROR)
