@@ -120,3 +120,46 @@ def test_sample_seed_makes_images_reproducible(tiny_model_dir, tmp_path):
                                                                      seed=4), m.scheduler_config, "ddim",
                      torch.device("cpu"), torch.float32)
     assert (np.asarray(other) != imgs[0]).any()
+
+
+def test_sample_prompts_read_attention_weights(tiny_model_dir, tmp_path):
+    """kohya samples with long-prompt-weighting pipelines: "(word:1.0)" is the plain word, other weights change
+    the image; unweighted prompts render exactly as before."""
+    import numpy as np
+    from PIL import Image
+
+    data = make_dataset(tmp_path / "data", names=("astronaut",))
+    prompts = tmp_path / "prompts.txt"
+    opts = "--w 64 --h 64 --s 2 --d 5"
+    prompts.write_text(f"a photo of dog {opts}\na (photo:1.0) of dog {opts}\na photo of (dog:1.8) {opts}\n",
+                       encoding="utf-8")
+    out = tmp_path / "out"
+    argv = train_argv(tiny_model_dir("sd1"), data, out, "--sample_prompts", str(prompts), "--sample_at_first",
+                      "--network_train_unet_only", steps=1)
+    assert run_in_process(argv) == 0
+    files = sorted((out / "sample").glob("lora_000000_*.png"))
+    assert len(files) == 3
+    plain, same, heavier = (np.asarray(Image.open(f).convert("RGB"), dtype=np.int16) for f in files)
+    assert (plain == same).all()
+    assert np.abs(plain - heavier).max() > 0
+
+
+def test_weighted_prompt_keeps_the_mean_of_each_encoder():
+    import torch
+
+    from library.models.families import Family
+    from library.models.tiny import build_tiny_model
+    from library.training.family import get_family_adapter
+
+    m = build_tiny_model(Family.SDXL)
+    fam = get_family_adapter(Family.SDXL)
+    enc = lambda t, **kw: fam.encode_prompts(m.text_encoders, m.tokenizers, [t], None, None, "cpu", **kw)  # noqa: E731
+    with torch.no_grad():
+        plain = enc("a photo of dog")
+        weighted = enc("a (photo:1.6) of [dog]", weighted=True, keep_mean=True)
+        raw = enc("a (photo:1.6) of [dog]", weighted=True)
+    width = m.text_encoders[0].config.hidden_size
+    for part in (slice(0, width), slice(width, None)):
+        torch.testing.assert_close(weighted.hidden_states[..., part].mean(), plain.hidden_states[..., part].mean())
+        assert not torch.allclose(raw.hidden_states[..., part].mean(), plain.hidden_states[..., part].mean())
+    assert torch.equal(weighted.pooled, plain.pooled)

@@ -63,15 +63,15 @@ class FamilyAdapter(ABC):
 
     def encode_prompts(self, text_encoders: list, tokenizers: list, prompts: list[str],
                        max_token_length: int | None, clip_skip: int | None, device: torch.device,
-                       weighted: bool = False) -> Conditioning:
-        """Tokenize and encode ``prompts`` in one call (sampling, caching); ``weighted``: see
-        :meth:`tokenize_weighted`."""
+                       weighted: bool = False, keep_mean: bool = False) -> Conditioning:
+        """Tokenize and encode ``prompts`` in one call (sampling, caching); ``weighted`` /
+        ``keep_mean``: see :meth:`tokenize_weighted` and :meth:`apply_token_weights`."""
         if not weighted:
             ids = [t.to(device) for t in self.tokenize(tokenizers, prompts, max_token_length)]
             return self.encode(text_encoders, tokenizers, ids, clip_skip)
         ids, weights = self.tokenize_weighted(tokenizers, prompts, max_token_length)
         cond = self.encode(text_encoders, tokenizers, [t.to(device) for t in ids], clip_skip)
-        return self.apply_token_weights(cond, weights, text_encoders)
+        return self.apply_token_weights(cond, weights, text_encoders, keep_mean=keep_mean)
 
     n_text_encoders = 1  # how many of the model's tokenizers/text encoders the family uses
 
@@ -85,17 +85,28 @@ class FamilyAdapter(ABC):
                  for tok in tokenizers[: self.n_text_encoders]]
         return [p[0] for p in pairs], [p[1] for p in pairs]
 
-    def apply_token_weights(self, cond: Conditioning, weights: list[torch.Tensor], text_encoders: list) -> Conditioning:
-        """Multiply each token's hidden state by its weight, as kohya's weighted captions do (no
-        renormalisation; the pooled embedding is not weighted). The states of several text
-        encoders are concatenated along features, each weighted by its own tokenizer's weights."""
+    def apply_token_weights(self, cond: Conditioning, weights: list[torch.Tensor], text_encoders: list,
+                            keep_mean: bool = False) -> Conditioning:
+        """Multiply each token's hidden state by its weight; the pooled embedding is not weighted.
+
+        Weighted captions (training) use the plain product, as kohya does. ``keep_mean`` then
+        rescales each sample so the mean of its states is unchanged, as the long-prompt-weighting
+        pipelines kohya samples with do. The states of several text encoders are concatenated
+        along features; each part gets its own tokenizer's weights (and its own rescaling).
+        """
         from library.data.tokenize import merge_chunk_weights
 
         widths = [te.config.hidden_size for te in text_encoders[: self.n_text_encoders]]
-        parts = cond.hidden_states.split(widths, dim=-1)
-        hidden = torch.cat([part * merge_chunk_weights(w).to(part.device, part.dtype).unsqueeze(-1)
-                            for part, w in zip(parts, weights)], dim=-1)
-        return Conditioning(hidden, cond.pooled)
+        parts = []
+        for part, w in zip(cond.hidden_states.split(widths, dim=-1), weights):
+            w = merge_chunk_weights(w).to(part.device, part.dtype)
+            weighted = part * w.unsqueeze(-1)
+            if keep_mean and not bool((w == 1).all()):
+                ratio = part.float().mean(dim=(1, 2)) / weighted.float().mean(dim=(1, 2))
+                ratio = torch.where(torch.isfinite(ratio), ratio, torch.ones_like(ratio))  # a zero mean stays as is
+                weighted = weighted * ratio.to(part.dtype)[:, None, None]
+            parts.append(weighted)
+        return Conditioning(torch.cat(parts, dim=-1), cond.pooled)
 
 
 _REGISTRY: dict[Family, Callable[[], FamilyAdapter]] = {}

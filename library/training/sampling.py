@@ -243,8 +243,10 @@ def sample_during_training(s: Any, steps: int, epoch: int | None) -> list[Path]:
     modes = [(m, m.training) for m in [model.unet, *model.text_encoders]]
     for m, _ in modes:
         m.eval()
+    # sample prompts may weight words, "(word:1.2)", as kohya's long-prompt-weighting pipelines read them
     encode = lambda texts: s.family.encode_prompts(  # noqa: E731
-        model.text_encoders, model.tokenizers, texts, a.max_token_length, a.clip_skip, acc.device)
+        model.text_encoders, model.tokenizers, texts, a.max_token_length, a.clip_skip, acc.device,
+        weighted=True, keep_mean=True)
     components = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoders[0],
                   "tokenizer": model.tokenizers[0]}
     if len(model.text_encoders) > 1:
