@@ -5,6 +5,9 @@ Every process walks the same seeded epoch plan of *global* batches (each one buc
 with batch 2 and two processes with batch 1 therefore see the same global batches in the same
 order, and a run can resume from (epoch, batch position) alone: every random choice of a
 sample is drawn from its :class:`~library.data.dataset.SampleKey`.
+
+The keys travel with the indices to the DataLoader's workers, so workers kept for the whole run
+(``--persistent_data_loader_workers``) load exactly what workers started for each epoch load.
 """
 
 from __future__ import annotations
@@ -59,14 +62,39 @@ def scale_batch_sizes(blueprint: Any, world: int) -> Any:
         blueprint, datasets=[dataclasses.replace(d, batch_size=d.batch_size * world) for d in blueprint.datasets])
 
 
+def loader_workers(num_workers: int) -> int:
+    """Worker processes for ``--max_data_loader_n_workers``: capped by the CPU count (kohya)."""
+    return max(0, min(num_workers, os.cpu_count() or 1))
+
+
+class _KeyList(torch.utils.data.Sampler):
+    """The batches of one pass. A persistent loader keeps its sampler, so a new pass replaces
+    ``keys`` (a new list, never mutated: a started pass keeps walking its own)."""
+
+    def __init__(self, keys: list[list[SampleKey]]):
+        self.keys = keys
+
+    def __iter__(self):
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
 class ShardedPlan:
-    """The epoch plans of a :class:`DatasetGroup`, cut into this process's slices."""
+    """The epoch plans of a :class:`DatasetGroup`, cut into this process's slices.
+
+    With ``persistent`` loading (kohya's ``--persistent_data_loader_workers``) the plan also owns
+    the one DataLoader of the run, whose workers load every epoch; :meth:`close` stops them.
+    """
 
     def __init__(self, group: DatasetGroup, rank: int, world: int, grad_accum: int):
         self.group, self.rank, self.world, self.grad_accum = group, rank, world, max(1, grad_accum)
         self.batches_per_epoch = group.num_batches()
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / self.grad_accum)
         self._cache: tuple[int, list[list[int]]] | None = None
+        self._loader: torch.utils.data.DataLoader | None = None  # the persistent one
+        self._pass = 0  # which pass of the persistent loader is current (see iterate_epoch)
 
     def plan(self, epoch: int) -> list[list[int]]:
         """Global batches of ``epoch`` (1-based), cached for the current epoch."""
@@ -86,30 +114,68 @@ class ShardedPlan:
             slot += len(batch)
             yield pos, sl, keys
 
+    def loader(self, keys: list[list[SampleKey]], workers: int, persistent: bool) -> torch.utils.data.DataLoader:
+        """A DataLoader that loads the batches ``keys`` (with ``workers`` processes).
 
-class _KeyList(torch.utils.data.Sampler):
-    def __init__(self, keys: list[list[SampleKey]]):
-        self.keys = keys
+        Persistent (and ``workers`` > 0): the plan's one loader, its batches replaced; its worker
+        processes, started by the first pass, serve every later pass. A sample's randomness comes
+        from its key alone, so these workers load exactly what fresh ones would.
+        """
+        if not (persistent and workers > 0):
+            return torch.utils.data.DataLoader(self.group, batch_sampler=_KeyList(keys), collate_fn=collate,
+                                               num_workers=workers)
+        if self._loader is not None and self._loader.num_workers != workers:
+            self.close()
+        if self._loader is None:
+            self._loader = torch.utils.data.DataLoader(self.group, batch_sampler=_KeyList([]), collate_fn=collate,
+                                                       num_workers=workers, persistent_workers=True)
+            logger.info("data loader: %d persistent worker processes", workers)
+        self._loader.batch_sampler.keys = keys
+        return self._loader
 
-    def __iter__(self):
-        return iter(self.keys)
+    def close(self) -> None:
+        """Stop the persistent loader's worker processes (if any); safe to call more than once.
 
-    def __len__(self) -> int:
-        return len(self.keys)
+        A later :func:`iterate_epoch` starts new ones.
+        """
+        loader, self._loader = self._loader, None
+        self._pass += 1  # a pass still being iterated is over
+        iterator = getattr(loader, "_iterator", None)  # the workers live in the loader's kept iterator
+        if iterator is not None:
+            loader._iterator = None
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+
+    def __enter__(self) -> "ShardedPlan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def iterate_epoch(plan: ShardedPlan, epoch: int, start: int, num_workers: int, persistent: bool = False
                   ) -> Iterator[tuple[int, LocalSlice, dict[str, Any]]]:
     """Load the batches of ``epoch`` from position ``start``: ``(position, slice, batch dict)``.
 
-    The batch dict is :func:`library.data.dataset.collate`'s layout.
+    The batch dict is :func:`library.data.dataset.collate`'s layout. Without ``persistent`` (or
+    without workers) each call builds a DataLoader whose workers end with the epoch; with it, all
+    calls share the plan's loader (call :meth:`ShardedPlan.close` when training ends). One pass of
+    a persistent loader is current at a time: starting a new one ends the previous (a generator of
+    an ended pass raises instead of yielding another pass's batches).
     """
     items = list(plan.slices(epoch, start))
     if not items:
         return
-    workers = max(0, min(num_workers, os.cpu_count() or 1))
-    loader = torch.utils.data.DataLoader(plan.group, batch_sampler=_KeyList([k for _, _, k in items]),
-                                         collate_fn=collate, num_workers=workers,
-                                         persistent_workers=False)
-    for (pos, sl, _), batch in zip(items, loader):
-        yield pos, sl, batch
+    workers = loader_workers(num_workers)
+    shared = persistent and workers > 0
+    loader = plan.loader([k for _, _, k in items], workers, persistent)
+    if shared:
+        plan._pass += 1
+    ticket = plan._pass
+    batches = iter(loader)
+    for pos, sl, _ in items:
+        if shared and plan._pass != ticket:
+            raise RuntimeError("a pass of the persistent data loader was abandoned and another started; "
+                               "iterate one epoch at a time")
+        yield pos, sl, next(batches)

@@ -106,7 +106,7 @@ def start(s: Any) -> Progress:
     return p
 
 
-def _epoch_data(plan: Any, progress: Progress, num_workers: int) -> Any:
+def _epoch_data(plan: Any, progress: Progress, num_workers: int, persistent: bool = False) -> Any:
     """``(position, slice, batch)`` for the rest of epoch ``progress.epoch``.
 
     Positions count in the epoch being trained; the batches are the data order's at those
@@ -116,13 +116,13 @@ def _epoch_data(plan: Any, progress: Progress, num_workers: int) -> Any:
     per = plan.batches_per_epoch
     pos = progress.batch_in_epoch
     if progress.data_shift == 0:
-        yield from iterate_epoch(plan, progress.epoch + 1, pos, num_workers)
+        yield from iterate_epoch(plan, progress.epoch + 1, pos, num_workers, persistent)
         return
     data_index = progress.epoch * per + pos - progress.data_shift
     while pos < per:
         data_epoch, data_pos = divmod(data_index, per)
         n = min(per - data_pos, per - pos)
-        for _, sl, batch in itertools.islice(iterate_epoch(plan, data_epoch + 1, data_pos, num_workers), n):
+        for _, sl, batch in itertools.islice(iterate_epoch(plan, data_epoch + 1, data_pos, num_workers, persistent), n):
             yield pos, sl, batch
             pos += 1
         data_index += n
@@ -156,6 +156,13 @@ def _te_arg(s: Any):
 
 def run_loop(t: Any, s: Any) -> Path | None:
     """Train until ``max_train_steps``; returns the final network file on the main process."""
+    try:
+        return _run_loop(t, s)
+    finally:  # --persistent_data_loader_workers: stop the workers, also when training fails
+        s.plan.close()
+
+
+def _run_loop(t: Any, s: Any) -> Path | None:
     from networks.interface import capabilities_of
 
     a, acc = s.args, s.accelerator
@@ -185,7 +192,8 @@ def run_loop(t: Any, s: Any) -> Path | None:
         epoch_no = progress.epoch + 1
         s.network.on_epoch_start(te, unet)
         finished_epoch = True
-        for pos, sl, batch in _epoch_data(s.plan, progress, a.max_data_loader_n_workers):
+        for pos, sl, batch in _epoch_data(s.plan, progress, a.max_data_loader_n_workers,
+                                          bool(a.persistent_data_loader_workers)):
             window_start = (pos // accum) * accum
             window = min(accum, per_epoch - window_start)
             sync = pos + 1 == min(window_start + accum, per_epoch)
