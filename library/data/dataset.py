@@ -64,26 +64,37 @@ class Sample:
     latents_path: Path | None = None  # disk cache
 
 
-INFO_CACHE_FILE = "metadata_cache.json"  # kohya's cache_info file name and layout
+def _cached_sizes(scans: list[SubsetScan]) -> dict[str, Reso]:
+    """``cache_info``: the sizes of images unchanged since their folder's cache was written."""
+    known: dict[str, Reso] = {}
+    for sc in scans:
+        if sc.info_cache is None:
+            continue
+        for e in sc.entries:
+            size = sc.info_cache.size(e.path)
+            if size is not None:
+                known[str(e.path)] = size
+        logger.info("cache_info: %d of %d image sizes from %s", sum(str(e.path) in known for e in sc.entries),
+                    len(sc.entries), sc.info_cache.path)
+    return known
 
 
-def _load_info_cache(folder: Path) -> dict[str, Reso]:
-    """Image sizes from a kohya ``metadata_cache.json`` (``{path: {"caption", "resolution": [w, h]}}``)."""
-    import json
-
-    try:
-        data = json.loads((folder / INFO_CACHE_FILE).read_text(encoding="utf-8"))
-        return {k: (int(v["resolution"][0]), int(v["resolution"][1])) for k, v in data.items()}
-    except (OSError, ValueError, KeyError, TypeError, IndexError):
-        return {}  # absent or unusable: sizes are read from the images (and the file rewritten)
-
-
-def _save_info_cache(folder: Path, entries: list[ImageEntry], sizes: dict[str, Reso]) -> None:
-    from library.utils.atomic import write_json
-
-    data = {str(e.path): {"caption": e.caption, "resolution": list(sizes[str(e.path)])}
-            for e in entries if str(e.path) in sizes}
-    write_json(folder / INFO_CACHE_FILE, data)
+def _update_info_caches(scans: list[SubsetScan], sizes: dict[str, Reso]) -> None:
+    """Rewrite each ``cache_info`` folder's cache when anything in it changed (all of its images)."""
+    for sc in scans:
+        cache = sc.info_cache
+        if cache is None:
+            continue
+        items = []
+        for e in sc.entries:
+            size = sizes.get(str(e.path)) or cache.size(e.path)
+            if size is None:  # not in this split (validation_split) or an unused reg image
+                try:
+                    size = img_ops.image_size(e.path)
+                except DatasetError:
+                    continue  # a bad image (skip_bad_images) is looked at again next time
+            items.append((e.path, e.caption, e.caption_path, size))
+        cache.save(items)
 
 
 def _read_sizes(entries: list[ImageEntry], skip_bad_images: bool, known: dict[str, Reso] | None = None
@@ -179,18 +190,12 @@ class BucketDataset(torch.utils.data.Dataset):
             if self.num_train_images < self.num_reg_images:
                 logger.warning("there are more reg images than train images; some reg images are not used")
         entries = train + used_reg
-        info_dirs = {Path(sc.subset.image_dir): sc for sc in scans if sc.subset.cache_info and sc.subset.image_dir}
-        known: dict[str, Reso] = {}
-        for folder in info_dirs:
-            known.update(_load_info_cache(folder))
         if not entries:
             raise DatasetError(f"the {split} split of the dataset has no images"
                                + (" (raise validation_split)" if split == "validation" else ""))
-        sized = _read_sizes(entries, skip_bad_images, known)
-        sizes = {str(e.path): s for e, s in sized}
-        for folder, sc in info_dirs.items():
-            if any(str(e.path) not in known for e in sc.entries):  # first run, or new images
-                _save_info_cache(folder, sc.entries, sizes)
+        used_scans = [sc for sc in scans if any(id(e) in subset_of for e in sc.entries)]
+        sized = _read_sizes(entries, skip_bad_images, _cached_sizes(used_scans))
+        _update_info_caches(used_scans, {str(e.path): s for e, s in sized})
         if not sized:
             raise DatasetError("the dataset has no usable images")
         self.bucket_manager, self.enable_bucket = _bucket_manager(self.params, [e.size for e, _ in sized])

@@ -23,6 +23,7 @@ from pathlib import Path
 from library.config.dataset_params import SubsetParams
 from library.data.captions import read_caption_file
 from library.data.images import IMAGE_EXTENSIONS, face_box_from_name, is_image_file
+from library.data.info_cache import InfoCache
 from library.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class SubsetScan:
     missing_conditioning: list[Path] = field(default_factory=list)  # images with no conditioning image
     orphan_conditioning: list[Path] = field(default_factory=list)  # conditioning images with no image
     missing_images: list[str] = field(default_factory=list)  # fine-tuning keys with no image file
+    info_cache: InfoCache | None = None  # cache_info: the folder's metadata_cache.json
 
     @property
     def where(self) -> str:
@@ -125,13 +127,16 @@ def _attach_captions(scan: SubsetScan, images: list[Path], use_class_tokens: boo
     subset = scan.subset
     extensions = _caption_extensions(subset)
     used: set[Path] = set()
+    if subset.cache_info and subset.image_dir and Path(subset.image_dir).is_dir():
+        scan.info_cache = InfoCache.load(subset.image_dir)
     for img in images:
         caption, cap_path = None, None
         for cand in _caption_candidates(img, extensions):
             if cand.is_file():
                 cap_path = cand
                 try:
-                    caption = read_caption_file(cand)
+                    cached = scan.info_cache.caption(img, cand) if scan.info_cache is not None else None
+                    caption = cached if cached is not None else read_caption_file(cand)
                     if not caption:  # kohya refuses empty caption files too
                         scan.errors.append(f"caption file {cand} is empty; write a caption or delete the file")
                 except DatasetError as e:

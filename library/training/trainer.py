@@ -235,9 +235,13 @@ class NetworkTrainer:
     # ------------------------------------------------------------------ orchestration
     def train(self) -> Path | None:
         """Run the whole training; returns the final network file (main process) or None."""
+        from library.training.debug_dataset import debug_requested, run_debug_dataset
         from library.training.loop import run_loop
         from library.training.setup import setup_session
 
+        if debug_requested(self.args):  # kohya: show the dataset instead of training
+            run_debug_dataset(self)
+            return None
         session = setup_session(self)
         return run_loop(self, session)
 

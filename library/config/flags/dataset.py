@@ -86,7 +86,7 @@ FLAGS = in_group("dataset", [
       "Trust existing latent cache files without checking them."),
     F("--vae_batch_size", int, 1, DONE, "Batch size for encoding latents when caching.",
       check=at_least(1)),
-    F("--cache_info", bool, False, TODO,
+    F("--cache_info", bool, False, DONE,
       "Cache the image sizes and captions of a dataset in a metadata file for faster startup."),
     F("--max_data_loader_n_workers", int, 8, DONE,
       "Data-loader worker processes (the actual number is at most the number of CPU cores; "
@@ -95,7 +95,7 @@ FLAGS = in_group("dataset", [
       "Keep data-loader workers alive between epochs (faster epoch starts, more memory)."),
     F("--prior_loss_weight", float, 1.0, DONE,
       "Loss weight of regularization images.", check=non_negative),
-    F("--debug_dataset", bool, False, TODO, "Show the training images and captions instead of training."),
+    F("--debug_dataset", bool, False, DONE, "Show the training images and captions instead of training."),
     F("--dataset_class", str, None, TODO, "Use a custom dataset class given as module.Class."),
     F("--conditioning_data_dir", str, None, DONE,
       "Conditioning images for ControlNet-style training."),
