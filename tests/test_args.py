@@ -291,6 +291,6 @@ def test_gui_style_off_values_are_accepted_for_unimplemented_flags(tmp_path):
     assert ns.dataset_class is None and ns.deepspeed is False
     # implemented: kept as given (0 = off, as in kohya)
     assert ns.min_snr_gamma == 0 and ns.multires_noise_iterations == 0 and ns.max_timestep == 1000
-    cfg.write_text("debug_dataset = true\n")
-    with pytest.raises(ConfigError, match="--debug_dataset is not supported by sdtk"):
+    cfg.write_text('dataset_class = "my.Dataset"\n')
+    with pytest.raises(ConfigError, match="--dataset_class is not supported by sdtk"):
         A.parse_args("train_network", ["--config_file", str(cfg)])
