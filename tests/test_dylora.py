@@ -188,12 +188,20 @@ def test_bad_network_args_are_clear_errors(sd1):
         create(module_dropout="2")
 
 
-def test_sdxl_key_layout_matches_lora(tmp_path):
+def test_sdxl_key_layout_matches_lora(tiny_model_dir, tmp_path):
+    from test_sdxl_training import run_sdxl
+
+    data = make_dataset(tmp_path / "data", names=("rocket",))
+    argv = train_argv(tiny_model_dir("sdxl"), data, tmp_path / "out", "--network_module", "networks.dylora",
+                      "--network_args", "unit=2", "conv_dim=4", steps=2, name="xl")
+    assert run_sdxl(argv) == 0
+    trained = lora_tensors(tmp_path / "out" / "xl.safetensors")
+
     m = build_tiny_model(Family.SDXL)
     ours = dylora.create_network(1.0, 4, 1, m.vae, m.text_encoders, m.unet, unit="2", conv_dim="4")
     theirs = lora.create_network(1.0, 4, 1, m.vae, m.text_encoders, m.unet, conv_dim="4")
     sd = ours.state_dict()
-    assert sd.keys() == theirs.state_dict().keys()
+    assert sd.keys() == theirs.state_dict().keys() == trained.keys()
     assert any(k.startswith("lora_te1_text_model_") for k in sd) and any(k.startswith("lora_te2_text_model_") for k in sd)
     assert any(k.startswith("lora_unet_input_blocks_") for k in sd) and not any("down_blocks" in k for k in sd)
     path = tmp_path / "xl.safetensors"
