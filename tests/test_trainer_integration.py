@@ -332,3 +332,18 @@ def test_masked_loss_mask_subsets_in_a_dataset_config(tiny_model_dir, tmp_path, 
     assert "ControlNet datasets are not supported" in err and "add --masked_loss" in err
     assert run_in_process(argv + ["--masked_loss"]) == 0
     assert (tmp_path / "out" / "lora.safetensors").is_file()
+
+
+def test_network_weights_continue_training_with_dim_from_weights(tiny_model_dir, data, tmp_path):
+    """--network_weights are loaded whether the network is sized by flags or by the file (--dim_from_weights)."""
+    from tests.trainer_fixtures import assert_same_tensors
+
+    model = tiny_model_dir("sd1")
+    assert run_in_process(train_argv(model, data, tmp_path / "a", "--network_dim", "8", steps=2)) == 0
+    first = tmp_path / "a" / "lora.safetensors"
+    for extra in (["--network_dim", "8"], ["--dim_from_weights"]):
+        out = tmp_path / extra[0].strip("-")
+        argv = train_argv(model, data, out, "--network_weights", str(first), *extra, steps=1)
+        argv[argv.index("--learning_rate") + 1] = "1e-12"  # one negligible step: the result is what was loaded
+        assert run_in_process(argv) == 0
+        assert_same_tensors(lora_tensors(out / "lora.safetensors"), lora_tensors(first), atol=1e-6)

@@ -179,7 +179,7 @@ def _build_network(t: NetworkTrainer, model: Any, train_unet: bool, train_te: bo
     network = t.create_network(module, model, dict(net_kwargs))
     te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
     network.apply_to(te, model.unet, train_te, train_unet)
-    if a.network_weights and not a.dim_from_weights:
+    if a.network_weights:  # also with --dim_from_weights: that only sizes the network (kohya loads both ways)
         info = network.load_weights(a.network_weights)
         logger.info("loaded network weights from %s: %s", a.network_weights, info)
     te_lr = a.text_encoder_lr
