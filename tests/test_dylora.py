@@ -221,3 +221,27 @@ def test_max_norm_regularization_scales_the_units(sd1):
     assert scaled > 0 and max_norm <= 0.05 + 1e-6
     norms = [m.delta_weight(multiplier=1.0).norm().item() for m in net.all_loras]
     assert max(norms) <= 0.05 + 1e-5 and abs(sum(norms) / len(norms) - mean_norm) < 1e-5
+
+
+def test_gradient_checkpointing_sees_the_step_rank(sd1):
+    """The rank is drawn once per step, so checkpointing's recompute uses the same rank as the forward."""
+    net = _dylora(sd1, unit="2", conv_dim="8")
+    net.apply_to(_te(sd1), sd1.unet, apply_text_encoder=False)
+    net.prepare_grad_etc(None, sd1.unet)
+    net.train()
+    sd1.unet.train()
+    net.set_trained_units(3)
+    plain = _lora_grads_or_none(sd1, net)
+    sd1.unet.enable_gradient_checkpointing()
+    checkpointed = _lora_grads_or_none(sd1, net)
+    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * len(net.unet_loras)  # unit 3 of down and up
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def _lora_grads_or_none(m, net) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    net.zero_grad(set_to_none=True)
+    m.unet(x, torch.tensor([10, 900]), ctx).sample.square().mean().backward()
+    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
