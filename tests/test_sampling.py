@@ -163,3 +163,30 @@ def test_weighted_prompt_keeps_the_mean_of_each_encoder():
         torch.testing.assert_close(weighted.hidden_states[..., part].mean(), plain.hidden_states[..., part].mean())
         assert not torch.allclose(raw.hidden_states[..., part].mean(), plain.hidden_states[..., part].mean())
     assert torch.equal(weighted.pooled, plain.pooled)
+
+
+def test_samples_render_with_the_network_in_eval_mode(tiny_model_dir, tmp_path, monkeypatch):
+    """No network dropout (and DyLoRA's full rank) in sample images: sampling switches the network to eval
+    mode and back (recorded from the LoRA modules' own forward calls)."""
+    import torch
+
+    from networks.lora_modules import LoRAModule
+
+    seen: list[tuple[bool, bool]] = []  # (grad enabled, module in training mode)
+    original = LoRAModule.forward
+
+    def recording_forward(self, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), self.training))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRAModule, "forward", recording_forward)
+    data = make_dataset(tmp_path / "data", names=("astronaut",))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a dog --w 64 --h 64 --s 1 --d 1\n", encoding="utf-8")
+    argv = train_argv(tiny_model_dir("sd1"), data, tmp_path / "out", "--sample_prompts", str(prompts),
+                      "--sample_every_n_steps", "1", "--network_dropout", "0.3", steps=2)
+    assert run_in_process(argv) == 0
+    sampling = [training for grad, training in seen if not grad]
+    trainingsteps = [training for grad, training in seen if grad]
+    assert sampling and not any(sampling)
+    assert trainingsteps and all(trainingsteps)  # back in training mode after each sample

@@ -240,7 +240,9 @@ def sample_during_training(s: Any, steps: int, epoch: int | None) -> list[Path]:
     model = s.model
     vae_device = next(model.vae.parameters()).device
     model.vae.to(acc.device)
-    modes = [(m, m.training) for m in [model.unet, *model.text_encoders]]
+    # the network too: no dropout in samples, and DyLoRA renders at its full rank
+    network = getattr(s, "network", None)
+    modes = [(m, m.training) for m in [model.unet, *model.text_encoders, network] if m is not None]
     for m, _ in modes:
         m.eval()
     # sample prompts may weight words, "(word:1.2)", as kohya's long-prompt-weighting pipelines read them
