@@ -26,7 +26,8 @@ def run_training(script: str, trainer_cls: Any, argv: list[str] | None = None) -
         configure_logging(args)
         final = trainer_cls(args).train()
         if final is not None:
-            print(f"LoRA saved to {final}")
+            kind = "LoRA" if args.network_module in ("networks.lora", "networks.dylora") else args.network_module
+            print(f"{kind} saved to {final}")
             if args.sample_prompts:
                 print(f"sample images in {Path(args.output_dir) / 'sample'}")
         return 0
