@@ -94,9 +94,8 @@ def _check_dataset(index: int, params: DatasetParams, report: Report, strict: bo
         key = str(entry.path)
         if key not in sizes:
             try:
-                arr = img_ops.load_image(entry.path)
+                img_ops.load_image(entry.path)  # a full decode: corrupt files fail here, not in training
                 sizes[key] = img_ops.image_size(entry.path)  # EXIF-aware, equals the decoded size
-                del arr
                 hashes.setdefault(hashlib.sha256(entry.path.read_bytes()).hexdigest(), []).append(key)
             except DatasetError as e:
                 report.unreadable.append({"path": key, "error": str(e)})

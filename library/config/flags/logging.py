@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, TODO, F, in_group
+from library.config.flags.base import DONE, F, in_group
 
 FLAGS = in_group("logging", [
     F("--logging_dir", str, None, DONE, "Folder for TensorBoard/W&B logs (no logging when unset)."),

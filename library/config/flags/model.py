@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, TODO, F, at_least, in_group, unsupported
+from library.config.flags.base import DONE, F, at_least, in_group, unsupported
 from library.config.flags.scripts import NETWORK_TRAINERS
 
 FLAGS = in_group("model", [

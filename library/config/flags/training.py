@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, TODO, F, at_least, in_group, non_negative, unsupported
+from library.config.flags.base import DONE, F, at_least, in_group, non_negative, unsupported
 
 _DEEPSPEED = unsupported("DeepSpeed is not supported")
 
