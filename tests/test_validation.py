@@ -88,3 +88,23 @@ def test_sdxl_validation_with_cached_text_encoder_outputs(tiny_model_dir, data, 
                       "--network_train_unet_only", "--cache_text_encoder_outputs", "--cache_latents", steps=2)
     assert run_sdxl(argv) == 0
     assert "epoch 1: validation loss" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_persistent_workers_serve_every_evaluation(tiny_model_dir, data, tmp_path):
+    """--persistent_data_loader_workers also keeps the validation loader's workers (kohya): the same loss
+    as in-process loading at every evaluation, one set of worker processes, stopped by close()."""
+    import multiprocessing
+
+    torch.set_num_threads(1)
+    base = ("--validation_split", "0.5", "--max_data_loader_n_workers", "2")
+    t, s = _session(train_argv(tiny_model_dir("sd1"), data, tmp_path / "a", *base))
+    reference = Validator.create(t, s).evaluate(t, s)
+    t, s = _session(train_argv(tiny_model_dir("sd1"), data, tmp_path / "b", *base, "--persistent_data_loader_workers"))
+    v = Validator.create(t, s)
+    assert v.evaluate(t, s) == reference
+    workers = {p.pid for p in multiprocessing.active_children()}
+    assert workers and v.evaluate(t, s) == reference
+    assert {p.pid for p in multiprocessing.active_children()} == workers  # the same processes served both
+    v.plan.close()
+    assert multiprocessing.active_children() == []

@@ -156,13 +156,16 @@ def _te_arg(s: Any):
 
 def run_loop(t: Any, s: Any) -> Path | None:
     """Train until ``max_train_steps``; returns the final network file on the main process."""
+    validator = Validator.create(t, s)
     try:
-        return _run_loop(t, s)
+        return _run_loop(t, s, validator)
     finally:  # --persistent_data_loader_workers: stop the workers, also when training fails
         s.plan.close()
+        if validator is not None:
+            validator.plan.close()
 
 
-def _run_loop(t: Any, s: Any) -> Path | None:
+def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
     from networks.interface import capabilities_of
 
     a, acc = s.args, s.accelerator
@@ -175,7 +178,6 @@ def _run_loop(t: Any, s: Any) -> Path | None:
                           bool(a.save_state_on_train_end))
     progress = start(s)
     set_train_mode(s.optimizer, True)  # schedule-free: a state may have been saved in eval mode
-    validator = Validator.create(t, s)
     val_loss: float | None = None
     caps = capabilities_of(s.network)
     accum = max(1, a.gradient_accumulation_steps)

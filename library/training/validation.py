@@ -97,7 +97,8 @@ class Validator:
         try:
             with eval_mode(s.optimizer):
                 # epoch 1 always: the same batches (and augmentations) at every evaluation
-                for pos, sl, batch in iterate_epoch(self.plan, 1, 0, s.args.max_data_loader_n_workers):
+                for pos, sl, batch in iterate_epoch(self.plan, 1, 0, s.args.max_data_loader_n_workers,
+                                                    bool(s.args.persistent_data_loader_workers)):
                     if pos >= self.num_batches:
                         break
                     for k, timestep in enumerate(VALIDATION_TIMESTEPS):
