@@ -36,8 +36,16 @@ def check_args(args) -> list[str]:
         problems.append("--fp16 and --bf16 cannot be used together")
     if sum([args.sdxl, args.v1, args.v2]) > 1:
         problems.append("--sdxl, --v1 and --v2 exclude each other")
-    if args.strength is not None and not args.image_path:
-        problems.append("--strength is for img2img: give --image_path too")
+    if args.strength is not None and not args.image_path and args.highres_fix_scale is None:
+        problems.append("--strength is for img2img or highres fix: give --image_path or --highres_fix_scale too")
+    if args.highres_fix_scale is None:
+        given = [f for f in ("highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling")
+                 if getattr(args, f) not in (None, False)]
+        if given:
+            problems.append(f"--{given[0]} is a highres fix setting: give --highres_fix_scale too")
+    elif args.highres_fix_strength is not None and not args.image_path:
+        problems.append("--highres_fix_strength is the first stage's img2img strength (kohya), used only with "
+                        "--image_path; the second stage's strength is --strength")
     if args.image_path and not Path(args.image_path).exists():
         problems.append(f"--image_path {args.image_path}: no such file or folder")
     if (args.xformers or args.diffusers_xformers) and args.sdpa:
@@ -101,6 +109,7 @@ def run(args) -> list[Path]:
     import torch
 
     from library.inference.generate import JobSettings, run_job
+    from library.inference.highres import HighresFix, check_first_stages
     from library.inference.networks import attach_networks, network_specs
     from library.inference.prompts import PromptOptions, parse_prompt, plan_images, read_prompt_file
     from library.models.families import Family
@@ -129,8 +138,16 @@ def run(args) -> list[Path]:
                              original_height=args.original_height, original_width_negative=args.original_width_negative,
                              original_height_negative=args.original_height_negative, crop_top=args.crop_top,
                              crop_left=args.crop_left)
+    highres = None
+    if args.highres_fix_scale is not None:
+        highres = HighresFix(args.highres_fix_scale, args.highres_fix_steps, args.highres_fix_strength,
+                             args.highres_fix_save_1st, args.highres_fix_latents_upscaling)
+    # img2img renders at the source's size, but with highres fix at --W/--H, the source resized (kohya)
     tasks = plan_images(lines, defaults, images_per_prompt=args.images_per_prompt, n_iter=args.n_iter, seed=args.seed,
-                        iter_same_seed=args.iter_same_seed, init_images=sources, image_size=image_size, where=where)
+                        iter_same_seed=args.iter_same_seed, init_images=sources,
+                        image_size=None if highres else image_size, where=where)
+    if highres:
+        check_first_stages(tasks, highres)
 
     for m in [model.unet, model.vae, *model.text_encoders]:
         m.to(device).eval().requires_grad_(False)  # already in dtype (load_models)
@@ -144,7 +161,7 @@ def run(args) -> list[Path]:
         outdir=Path(args.outdir), clip_skip=args.clip_skip, max_embeddings_multiples=args.max_embeddings_multiples,
         emb_normalize_mode=args.emb_normalize_mode, batch_size=args.batch_size,
         sequential_file_name=args.sequential_file_name, use_original_file_name=args.use_original_file_name,
-        steps_offset_zero=args.force_scheduler_zero_steps_offset,
+        steps_offset_zero=args.force_scheduler_zero_steps_offset, highres=highres,
         record={"model": Path(args.ckpt).name, "family": model.family.value,
                 "dtype": str(dtype).replace("torch.", ""), "vae": args.vae and Path(args.vae).name,
                 "networks": [{"file": Path(s.weights).name, "module": s.module, "multiplier": s.multiplier,

@@ -293,7 +293,7 @@ def test_inline_options_seeds_and_batches():
     (["--network_module", "networks.lora", "--network_weights", "{lora}", "--network_mul", "1", "2"],
      "--network_mul has 2 values for 1"),
     (["--image_path", "{tmp}/nope.png"], "--image_path"),
-    (["--highres_fix_scale", "2"], "--highres_fix_scale is not supported by sdtk"),
+    (["--mask_path", "m.png"], "--mask_path is not supported by sdtk"),
     (["--prompt", "a --f out.png"], "--f is not supported by sdtk"),
 ])
 def test_bad_input_one_line_error(tiny_model_dir, tmp_path, capsys, extra, message):

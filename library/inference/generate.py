@@ -20,12 +20,13 @@ import inspect
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from library.inference.highres import HighresFix, first_stage_options, upscale_images, upscale_latents
 from library.inference.networks import set_multipliers
 from library.inference.prompt_weighting import encode_prompts
 from library.inference.prompts import ImageTask, PromptOptions, batches
@@ -51,6 +52,7 @@ class JobSettings:
     steps_offset_zero: bool = False
     # recorded in every PNG (model, networks, precision ...)
     record: dict[str, Any] = field(default_factory=dict)
+    highres: HighresFix | None = None  # kohya's highres fix (two stages per image)
 
 
 def pipeline_for(model: Any, img2img: bool) -> Any:
@@ -137,10 +139,20 @@ def _load_init_image(path: str, width: int, height: int):
 
 
 @torch.no_grad()
-def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], settings: JobSettings) -> list:
-    """Render one batch (all tasks share their settings); returns PIL images."""
-    o = batch[0].options
-    img2img = batch[0].init_image is not None
+def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], settings: JobSettings, *,
+                 options: PromptOptions | None = None, init: list | torch.Tensor | None = None, seed_offset: int = 0,
+                 latents_out: list | None = None) -> list:
+    """Render one batch (all tasks share their settings); returns PIL images.
+
+    Args:
+        options: settings to render with instead of the tasks' own (a highres fix stage).
+        init: img2img sources instead of the tasks' init images: PIL images at the size, or latents
+            ``[B, 4, H/8, W/8]`` (diffusers' img2img takes 4-channel tensors as latents, unencoded).
+        seed_offset: added to every task's seed (kohya seeds the second highres stage with seed + 1).
+        latents_out: if given, receives the final latents ``[B, 4, H/8, W/8]`` (before decoding).
+    """
+    o = options or batch[0].options
+    img2img = init is not None or batch[0].init_image is not None
     if img2img not in pipes:
         pipes[img2img] = pipeline_for(model, img2img)
     pipe = pipes[img2img]
@@ -162,7 +174,7 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
     part = lambda t, i: None if t is None else t[i * b:(i + 1) * b].to(dtype)  # noqa: E731
     kw: dict[str, Any] = dict(prompt_embeds=part(enc.hidden_states, 0), num_inference_steps=o.steps,
                               guidance_scale=o.scale, output_type="pil",
-                              generator=[torch.Generator("cpu").manual_seed(t.seed) for t in batch])
+                              generator=[torch.Generator("cpu").manual_seed(t.seed + seed_offset) for t in batch])
     if guided:
         kw["negative_prompt_embeds"] = part(enc.hidden_states, 1)
     if model.family is Family.SDXL:
@@ -171,9 +183,16 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
             kw["negative_pooled_prompt_embeds"] = part(enc.pooled, 1)
         kw.update(_sdxl_sizes(o))
     if img2img:
-        kw.update(image=[_load_init_image(t.init_image, o.width, o.height) for t in batch], strength=o.strength)
+        image = init if init is not None else [_load_init_image(t.init_image, o.width, o.height) for t in batch]
+        kw.update(image=image, strength=o.strength)
     else:
         kw.update(width=o.width, height=o.height)
+    if latents_out is not None:
+        def keep_latents(pipe, step, timestep, tensors):  # the last call holds the final latents
+            latents_out[:] = [tensors["latents"]]
+            return {}
+
+        kw.update(callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
     hook = contextlib.nullcontext()
     if negative_scale is not None:
         real = Conditioning(part(enc.hidden_states, 2), part(enc.pooled, 2))
@@ -182,8 +201,12 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
         return pipe(**kw).images
 
 
-def png_info(task: ImageTask, settings: JobSettings, sdxl: bool):
-    """kohya's PNG text chunks, an A1111-style ``parameters`` chunk and every setting as ``sdtk`` JSON."""
+def png_info(task: ImageTask, settings: JobSettings, sdxl: bool, highres: dict[str, Any] | None = None):
+    """kohya's PNG text chunks, an A1111-style ``parameters`` chunk and every setting as ``sdtk`` JSON.
+
+    Args:
+        highres: for the final image of a highres fix, its first stage (recorded; strength kept).
+    """
     from PIL.PngImagePlugin import PngInfo
 
     o = task.options
@@ -202,25 +225,30 @@ def png_info(task: ImageTask, settings: JobSettings, sdxl: bool):
     a1111 = o.prompt + (f"\nNegative prompt: {o.negative_prompt}" if o.negative_prompt else "")
     a1111 += f"\nSteps: {o.steps}, Sampler: {o.sampler}, CFG scale: {o.scale}, Seed: {task.seed}, " \
              f"Size: {o.width}x{o.height}"
-    if task.init_image is not None:
+    if task.init_image is not None or highres:
         a1111 += f", Denoising strength: {o.strength}"
+    if highres:
+        a1111 += f", Highres fix: {highres['first_width']}x{highres['first_height']} first, {highres['steps']} steps"
     info.add_text("parameters", a1111)
     everything = {k: v for k, v in o.__dict__.items() if v is not None}
     everything.update(seed=task.seed, init_image=task.init_image, clip_skip=settings.clip_skip,
                       max_embeddings_multiples=settings.max_embeddings_multiples,
                       emb_normalize_mode=settings.emb_normalize_mode, **settings.record)
-    if task.init_image is None:
+    if highres:
+        everything["highres_fix"] = highres
+    elif task.init_image is None:
         everything.pop("strength", None)
     info.add_text("sdtk", json.dumps(everything, default=str))
     return info
 
 
-def _file_name(task: ImageTask, i_in_batch: int, settings: JobSettings, stamp: str) -> str:
+def _file_name(task: ImageTask, i_in_batch: int, settings: JobSettings, stamp: str, stage: str = "") -> str:
+    """kohya's names; ``stage`` is "0" / "1" for the first / final image of a highres fix (kohya's prefix)."""
     if settings.use_original_file_name and task.init_image is not None:
-        return Path(task.init_image).stem + ".png"
+        return Path(task.init_image).stem + ("_1st" if stage == "0" else "") + ".png"
     if settings.sequential_file_name:
-        return f"im_{task.index + 1:06d}.png"
-    return f"im_{stamp}_{i_in_batch:03d}_{task.seed}.png"
+        return f"im_{stage}{task.index + 1:06d}.png"
+    return f"im_{stamp}_{stage}{i_in_batch:03d}_{task.seed}.png"
 
 
 def _free_path(folder: Path, name: str) -> Path:
@@ -256,12 +284,41 @@ def run_job(model: Any, tasks: list[ImageTask], settings: JobSettings, networks:
             if networks and (muls or default_muls):
                 muls = list(muls) + [muls[-1]] * (len(networks) - len(muls)) if muls else default_muls
                 set_multipliers(networks, muls)
-            images = render_batch(model, pipes, batch, settings)
-            stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-            for i, (task, image) in enumerate(zip(batch, images)):
-                path = _free_path(settings.outdir, _file_name(task, i, settings, stamp))
-                info = png_info(task, settings, sdxl)
-                atomic_write(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
-                written.append(path)
+            if settings.highres is None:
+                images = render_batch(model, pipes, batch, settings)
+                written += _save(batch, images, settings, sdxl)
+            else:
+                written += _render_highres(model, pipes, batch, settings, settings.highres)
             bar.update(len(batch))
     return written
+
+
+def _save(batch: list[ImageTask], images: list, settings: JobSettings, sdxl: bool, stage: str = "",
+          options: PromptOptions | None = None, highres: dict[str, Any] | None = None) -> list[Path]:
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    written = []
+    for i, (task, image) in enumerate(zip(batch, images)):
+        task = task if options is None else replace(task, options=options)
+        path = _free_path(settings.outdir, _file_name(task, i, settings, stamp, stage))
+        info = png_info(task, settings, sdxl, highres)
+        atomic_write(path, lambda tmp, image=image, info=info: image.save(tmp, format="PNG", pnginfo=info))
+        written.append(path)
+    return written
+
+
+def _render_highres(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], settings: JobSettings,
+                    hr: HighresFix) -> list[Path]:
+    """kohya's highres fix for one batch (see :mod:`library.inference.highres`); returns the written files."""
+    sdxl = model.family is Family.SDXL
+    o = batch[0].options
+    first = first_stage_options(o, hr)
+    latents: list = []
+    images = render_batch(model, pipes, batch, settings, options=first,
+                          latents_out=latents if hr.latents_upscaling else None)
+    written = _save(batch, images, settings, sdxl, "0", first) if hr.save_1st else []
+    if hr.latents_upscaling:
+        init = upscale_latents(latents[0], o.width, o.height)
+    else:
+        init = upscale_images(images, o.width, o.height)
+    final = render_batch(model, pipes, batch, settings, init=init, seed_offset=1)
+    return written + _save(batch, final, settings, sdxl, "1", highres=hr.record(first))

@@ -17,6 +17,10 @@ def _g(*a, **kw):
     return F(*a, scripts=_S, **kw)
 
 
+def _highres_scale(v: float) -> str | None:
+    return None if 0 < v <= 1 else f"must be > 0 and <= 1 (the first stage's fraction of the size), got {v}"
+
+
 FLAGS = in_group("gen_img", [
     # model
     _g("--ckpt", str, None, DONE, "Base model: a .safetensors/.ckpt single file or a diffusers model folder."),
@@ -72,9 +76,28 @@ FLAGS = in_group("gen_img", [
        "Seed of a single image, or of the seeds of all images when several are generated."),
     _g("--iter_same_seed", bool, False, DONE, "Use one seed for every prompt of an iteration (--n_iter)."),
     _g("--image_path", str, None, DONE, "img2img: an image file, or a folder of images used in turn."),
-    _g("--strength", float, None, DONE, "img2img strength (default 0.8): how much of the image is repainted.",
+    _g("--strength", float, None, DONE,
+       "img2img strength (default 0.8): how much of the image is repainted; with highres fix, the second stage's.",
        check=between(0, 1)),
     _g("--mask_path", str, None, unsupported("inpainting is not supported"), "Inpainting mask."),
+    # highres fix (library/inference/highres.py)
+    _g("--highres_fix_scale", float, None, DONE,
+       "Highres fix: render first at this fraction of the size (e.g. 0.5), upscale, then img2img at the full size "
+       "with --steps and --strength.", check=_highres_scale),
+    _g("--highres_fix_steps", int, 28, DONE, "Highres fix: steps of the first stage.", check=between(1, 1000)),
+    _g("--highres_fix_strength", float, None, DONE,
+       "Highres fix with --image_path: img2img strength of the first stage (default --strength); the second "
+       "stage uses --strength.", check=between(0, 1)),
+    _g("--highres_fix_save_1st", bool, False, DONE, "Highres fix: also save the first-stage images (im_..._0...)."),
+    _g("--highres_fix_latents_upscaling", bool, False, DONE,
+       "Highres fix: upscale the first stage's latents (bilinear) instead of the decoded image (LANCZOS)."),
+    _g("--highres_fix_upscaler", str, None,
+       unsupported("upscaler modules (tools.latent_upscaler) are not supported; the image is upscaled with LANCZOS, "
+                   "or use --highres_fix_latents_upscaling"), "Highres fix: upscaler module."),
+    _g("--highres_fix_upscaler_args", str, None,
+       unsupported("upscaler modules (--highres_fix_upscaler) are not supported"), "Arguments of the upscaler module."),
+    _g("--highres_fix_disable_control_net", bool, False, DONE,
+       "Highres fix: no ControlNet in the second stage (sdtk has no ControlNet, so this changes nothing)."),
     _g("--original_width", int, None, DONE, "SDXL: original width of the size conditioning (default: the width)."),
     _g("--original_height", int, None, DONE, "SDXL: original height of the size conditioning (default: the height)."),
     _g("--original_width_negative", int, None, DONE, "SDXL: original width for the negative prompt."),
