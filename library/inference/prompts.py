@@ -6,7 +6,9 @@ options (case-insensitive, as kohya): ``n`` negative prompt, ``w`` / ``h`` size,
 seeds), ``l`` guidance scale, ``nl`` negative scale (``none`` to disable), ``t`` img2img
 strength, ``ss`` sampler (sdtk addition, as in training sample prompts), ``am`` network
 multipliers, and for SDXL ``ow`` / ``oh`` / ``nw`` / ``nh`` / ``ct`` / ``cl`` size conditioning.
-kohya's other options, and dynamic prompts ``{a|b}``, are rejected with an error rather than ignored.
+kohya's other options are rejected with an error rather than ignored. kohya's dynamic prompt
+variants (``{a|b}``, ``{e$$a|b}``, ``{2$$a|b|c}``; see :mod:`library.inference.dynamic_prompts`)
+are expanded per line and ``--n_iter`` round before the options are parsed.
 
 Seeds follow kohya: with ``--seed``, one prompt and one image per prompt, that seed is used; otherwise
 ``--seed`` seeds the generator that draws each image's seed (0 .. 2^32-1), so a job is
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from library.errors import ConfigError
+from library.inference.dynamic_prompts import expand_variants, first_variant, image_prompts, variant_rng
 
 MAX_SEED = 2**32 - 1
 _UNSUPPORTED = ("c", "f", "dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus")
@@ -79,14 +82,15 @@ _OPTIONS: dict[str, tuple[str, Callable[[str], Any]]] = {
 def parse_prompt(line: str, defaults: PromptOptions, where: str = "--prompt") -> PromptOptions:
     """Parse one prompt with its inline options on top of ``defaults``.
 
+    A line with dynamic variants is checked and parsed with each group's first value
+    (:func:`plan_images` expands the variants before parsing).
+
     Raises:
         ConfigError: an option sdtk does not know or support, or a bad value (naming ``where``).
     """
     from library.training.sampling import SAMPLERS
 
-    if re.search(r"\{[^{}]*\|[^{}]*\}", line):
-        raise ConfigError(f"{where}: dynamic prompt variants {{a|b}} are not supported by sdtk; "
-                          "write each variant on its own line of a --from_file file")
+    line = first_variant(line, where)
     parts = line.strip().split(" --")
     changes: dict[str, Any] = {"prompt": parts[0].strip()}
     for part in parts[1:]:
@@ -150,19 +154,29 @@ def plan_images(lines: list[str], defaults: PromptOptions, *, images_per_prompt:
                 where: Callable[[int], str] = lambda i: "--prompt") -> list[ImageTask]:
     """Every image of the job, in kohya's order (iteration, prompt, image of the prompt).
 
+    Dynamic variants are expanded per line and round (kohya): random ones give each of the
+    ``images_per_prompt`` images its own choice; enumerated ones give one image per variant. The
+    choices are seeded from ``seed`` (:func:`~library.inference.dynamic_prompts.variant_rng`).
+
     Args:
         init_images: img2img sources, used in turn; the size of each image (rounded down to a
             multiple of 32, as kohya) replaces the prompt's width and height.
         image_size: ``path -> (width, height)``.
     """
-    parsed = [parse_prompt(line, defaults, where(i)) for i, line in enumerate(lines)]
-    draw = _seed_source(seed, len(lines) == 1 and images_per_prompt == 1)
+    rng = variant_rng(seed)
+    rounds = [[image_prompts(expand_variants(line, images_per_prompt, rng, where(i)), images_per_prompt)
+               for i, line in enumerate(lines)] for _ in range(n_iter)]
+    parsed: dict[tuple[int, str], PromptOptions] = {}
+    draw = _seed_source(seed, len(lines) == 1 and bool(rounds) and len(rounds[0][0]) == 1)
     tasks: list[ImageTask] = []
-    for _ in range(n_iter):
+    for images in rounds:
         iter_seed = draw() if iter_same_seed else None
         step = 0
-        for opts in parsed:
-            for pi in range(images_per_prompt):
+        for li, line_images in enumerate(images):
+            for text, pi in line_images:
+                if (li, text) not in parsed:
+                    parsed[li, text] = parse_prompt(text, defaults, where(li))
+                opts = parsed[li, text]
                 if opts.seeds:
                     s = opts.seeds[min(pi, len(opts.seeds) - 1)]
                     s = None if s < 0 else s
