@@ -112,6 +112,7 @@ def run(args) -> list[Path]:
     from library.inference.highres import HighresFix, check_first_stages
     from library.inference.networks import attach_networks, network_specs
     from library.inference.prompts import PromptOptions, parse_prompt, plan_images, read_prompt_file
+    from library.inference.textual_inversion import load_embeddings, read_embeddings
     from library.models.families import Family
     from library.models.loading import load_models
 
@@ -124,12 +125,14 @@ def run(args) -> list[Path]:
     for i, line in enumerate(lines):  # fail on a bad prompt before the model is loaded
         parse_prompt(line, PromptOptions(prompt=""), where(i))
     sources = init_images(args.image_path)
+    embeddings = read_embeddings(args.textual_inversion_embeddings, allow_pickle=args.allow_pickle)
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     model = load_models(args.ckpt, v2=args.v2, v_parameterization=args.v_parameterization, vae=args.vae,
                         tokenizer_cache_dir=args.tokenizer_cache_dir, allow_pickle=args.allow_pickle, dtype=dtype)
     check_family(args, model)
+    words = load_embeddings(model, embeddings)  # into model.tokenizers / text_encoders, before the move
     sdxl = model.family is Family.SDXL
     defaults = PromptOptions(prompt="", width=(args.W or (1024 if sdxl else 512)) // 8 * 8,
                              height=(args.H or (1024 if sdxl else 512)) // 8 * 8, steps=args.steps, scale=args.scale,
@@ -162,10 +165,12 @@ def run(args) -> list[Path]:
         emb_normalize_mode=args.emb_normalize_mode, batch_size=args.batch_size,
         sequential_file_name=args.sequential_file_name, use_original_file_name=args.use_original_file_name,
         steps_offset_zero=args.force_scheduler_zero_steps_offset, highres=highres,
+        convert_prompt=words.convert_prompt if words else None,
         record={"model": Path(args.ckpt).name, "family": model.family.value,
                 "dtype": str(dtype).replace("torch.", ""), "vae": args.vae and Path(args.vae).name,
                 "networks": [{"file": Path(s.weights).name, "module": s.module, "multiplier": s.multiplier,
-                              "merged": i < merge_n} for i, s in enumerate(specs)]})
+                              "merged": i < merge_n} for i, s in enumerate(specs)],
+                **({"embeddings": [Path(e.path).name for e in embeddings]} if embeddings else {})})
     return run_job(model, tasks, settings, networks, muls)
 
 

@@ -22,7 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -53,6 +53,8 @@ class JobSettings:
     # recorded in every PNG (model, networks, precision ...)
     record: dict[str, Any] = field(default_factory=dict)
     highres: HighresFix | None = None  # kohya's highres fix (two stages per image)
+    # (text, tokenizer) -> text before tokenizing: textual inversion words -> their tokens
+    convert_prompt: Callable[[str, Any], str] | None = None
 
 
 def pipeline_for(model: Any, img2img: bool) -> Any:
@@ -169,7 +171,7 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
     texts += [""] * b if negative_scale is not None else []
     enc = encode_prompts(model.family, model.text_encoders, model.tokenizers, texts,
                          max_embeddings_multiples=settings.max_embeddings_multiples, clip_skip=settings.clip_skip,
-                         emb_normalize_mode=settings.emb_normalize_mode)
+                         emb_normalize_mode=settings.emb_normalize_mode, convert_prompt=settings.convert_prompt)
     dtype = model.unet.dtype
     part = lambda t, i: None if t is None else t[i * b:(i + 1) * b].to(dtype)  # noqa: E731
     kw: dict[str, Any] = dict(prompt_embeds=part(enc.hidden_states, 0), num_inference_steps=o.steps,

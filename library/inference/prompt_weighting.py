@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -163,13 +163,16 @@ def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, mode: str = "orig
 @torch.no_grad()
 def encode_prompts(family: Family, text_encoders: list, tokenizers: list, texts: list[str], *,
                    max_embeddings_multiples: int | None = None, clip_skip: int | None = None,
-                   emb_normalize_mode: str = "original") -> Conditioning:
+                   emb_normalize_mode: str = "original",
+                   convert_prompt: Callable[[str, Any], str] | None = None) -> Conditioning:
     """Encode ``texts`` (weighted, possibly long) for a pipeline's ``prompt_embeds``.
 
     Args:
         family: SD1 / SD2 (one text encoder) or SDXL (two; states concatenated, pooled from the second).
         texts: B prompts; all get the same number of chunks.
         max_embeddings_multiples: at most this many 75-token chunks (None: 1).
+        convert_prompt: ``(text, tokenizer) -> text`` applied before tokenizing for each tokenizer
+            (textual inversion words -> their tokens, see :mod:`library.inference.textual_inversion`).
 
     Returns:
         ``Conditioning`` with ``hidden_states`` ``[B, 77 * n, D]`` and, for SDXL, ``pooled`` ``[B, P]``.
@@ -178,7 +181,8 @@ def encode_prompts(family: Family, text_encoders: list, tokenizers: list, texts:
     n_tes = 2 if family is Family.SDXL else 1
     per_tok = []
     for tok in tokenizers[:n_tes]:
-        items = [tokenize_weighted(tok, t, multiples * (tok.model_max_length - 2)) for t in texts]
+        tok_texts = [convert_prompt(t, tok) for t in texts] if convert_prompt else texts
+        items = [tokenize_weighted(tok, t, multiples * (tok.model_max_length - 2)) for t in tok_texts]
         if any(tr for _, _, tr in items):
             logger.warning("a prompt is longer than %d tokens and was truncated; raise --max_embeddings_multiples",
                            multiples * (tok.model_max_length - 2))

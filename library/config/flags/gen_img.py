@@ -124,6 +124,9 @@ FLAGS = in_group("gen_img", [
     _g("--network_merge", bool, False, DONE, "Merge the networks into the model weights instead of hooking them."),
     _g("--network_merge_n_models", int, None, DONE, "Merge only the first N networks; hook the others.",
        check=at_least(0)),
+    _g("--textual_inversion_embeddings", str, None, DONE,
+       "Textual inversion embedding files (.safetensors; .pt/.bin with --allow_pickle); each file's name "
+       "(without extension) is the word to use in prompts, standing for all its vectors.", nargs="*"),
     _g("--network_regional_mask_max_color_codes", int, None,
        unsupported("regional prompting (AND) is not supported"), "Regional LoRA masks."),
 ])

@@ -1,0 +1,231 @@
+"""Textual inversion embeddings for gen_img (kohya's ``--textual_inversion_embeddings``).
+
+Each file adds one word to the prompt vocabulary: the file's stem (``EasyNegative.safetensors``
+-> ``easynegative``; CLIP lower-cases prompts, so any case works in a prompt). A file holds
+``n`` vectors; the word stands for all of them, so ``a photo, (easynegative:1.2)`` weights
+every vector (kohya and A1111 do the same).
+
+Layouts read (kohya's gen_img reads the same ones):
+
+* SD 1.x / 2.x: ``{"emb_params": [n, D]}`` (A1111 / kohya safetensors), A1111's ``.pt``
+  ``{"string_to_param": {"*": [n, D]}, "name": ..., ...}``, diffusers' ``learned_embeds``
+  ``{"<token>": [D] or [n, D]}`` (any single tensor);
+* SDXL: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` (also inside ``string_to_param``), one
+  part per text encoder, both with the same ``n``.
+
+The embedding surgery is diffusers' ``TextualInversionLoaderMixin.load_textual_inversion``
+(tokens ``word``, ``word_1``, ... added to sdtk's own tokenizers, rows added to its text
+encoders). sdtk encodes prompts itself (:func:`library.inference.prompt_weighting.encode_prompts`),
+so :meth:`LoadedEmbeddings.convert_prompt` rewrites each text for each tokenizer first
+(diffusers' ``maybe_convert_prompt``: ``word`` -> ``word word_1 ...``). Files are read and checked
+before the model is loaded; ``.pt`` / ``.bin`` files are pickles and need ``--allow_pickle``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from library.errors import ConfigError, ModelLoadError
+from library.models.families import Family
+
+logger = logging.getLogger(__name__)
+
+FLAG = "--textual_inversion_embeddings"
+PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
+SDXL_KEYS = ("clip_l", "clip_g")
+# characters the A1111 prompt syntax or the tokenizer would split a word on
+_BAD_NAME = re.compile(r"[\s()\[\]:\\,]")
+
+
+@dataclass
+class EmbeddingFile:
+    """One embedding file, read and checked (before the model is loaded).
+
+    Attributes:
+        token: the word that stands for the vectors (the file stem, lower case).
+        vectors: one ``[n, D]`` float32 tensor per text encoder (SD1/SD2: one; SDXL: clip_l, clip_g).
+    """
+
+    path: str
+    token: str
+    vectors: list[torch.Tensor]
+
+    @property
+    def sdxl(self) -> bool:
+        return len(self.vectors) == 2
+
+
+def _read_state(path: Path, allow_pickle: bool) -> dict[str, Any]:
+    where = f"{FLAG} {path}"
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise ModelLoadError(f"{where}: not a readable .safetensors file ({str(e)[:160]})") from e
+    if suffix not in PICKLE_SUFFIXES:
+        raise ConfigError(f"{where}: unknown file type {suffix!r}; use .safetensors (or, with --allow_pickle, "
+                          ".pt / .bin)")
+    if not allow_pickle:
+        raise ConfigError(f"{where} is a pickle file, which can run arbitrary code when loaded; convert it to "
+                          ".safetensors, or pass --allow_pickle if you trust its source")
+    try:
+        # weights_only still reads A1111's dicts of tensors, strings and step counts
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"{where}: cannot be read as a PyTorch file ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
+    if not isinstance(obj, dict):
+        raise ModelLoadError(f"{where}: holds a {type(obj).__name__}, not a dict of embedding tensors")
+    return obj
+
+
+def _as_matrix(t: Any, where: str, key: str) -> torch.Tensor:
+    """``[D]`` or ``[n, D]`` -> ``[n, D]`` float32."""
+    if not isinstance(t, torch.Tensor) or t.ndim not in (1, 2) or t.numel() == 0:
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ModelLoadError(f"{where}: {key!r} is {shape}, not a [vectors, width] embedding")
+    return (t[None] if t.ndim == 1 else t).float()
+
+
+def parse_embedding(state: dict[str, Any], where: str) -> list[torch.Tensor]:
+    """The vectors of one file's ``state`` (see the module doc for the layouts).
+
+    Returns:
+        ``[[n, D]]`` (SD1/SD2) or ``[[n, 768], [n, 1280]]`` (SDXL clip_l, clip_g).
+
+    Raises:
+        ModelLoadError: an unknown layout, or SDXL parts with different vector counts.
+    """
+    if isinstance(state.get("string_to_param"), dict):
+        state = state["string_to_param"]
+    if all(k in state for k in SDXL_KEYS):
+        parts = [_as_matrix(state[k], where, k) for k in SDXL_KEYS]
+        if parts[0].shape[0] != parts[1].shape[0]:
+            raise ModelLoadError(f"{where}: clip_l has {parts[0].shape[0]} vectors but clip_g has "
+                                 f"{parts[1].shape[0]}; the two parts must have the same count")
+        return parts
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    for key in ("emb_params", "*"):
+        if key in tensors:
+            return [_as_matrix(tensors[key], where, key)]
+    if len(tensors) == 1:  # diffusers' learned_embeds: {"<token>": vectors}
+        key, value = next(iter(tensors.items()))
+        return [_as_matrix(value, where, key)]
+    keys = ", ".join(list(map(str, state))[:6]) or "none"
+    raise ModelLoadError(f"{where}: unknown embedding layout (keys: {keys}); expected emb_params, "
+                         "string_to_param, clip_l + clip_g, or a single tensor")
+
+
+def read_embeddings(paths: Sequence[str] | None, *, allow_pickle: bool = False) -> list[EmbeddingFile]:
+    """Read and check every ``--textual_inversion_embeddings`` file (no model needed).
+
+    Raises:
+        ConfigError: a missing file, a pickle without ``allow_pickle``, a stem that cannot be a
+            prompt word, or two files with the same stem.
+        ModelLoadError: an unreadable file or an unknown layout.
+    """
+    out: list[EmbeddingFile] = []
+    seen: dict[str, str] = {}
+    for p in paths or []:
+        path = Path(p)
+        if not path.is_file():
+            raise ConfigError(f"{FLAG} {p}: file not found")
+        token = path.stem.lower()
+        if not token or _BAD_NAME.search(token):
+            raise ConfigError(f"{FLAG} {p}: the file name is the prompt word, and {path.stem!r} has spaces or "
+                              "prompt syntax characters ( ) [ ] : , \\; rename the file")
+        if token in seen:
+            raise ConfigError(f"{FLAG} {p}: its word {token!r} is also the word of {seen[token]} "
+                              "(names are not case-sensitive); rename one file")
+        seen[token] = p
+        vectors = parse_embedding(_read_state(path, allow_pickle), f"{FLAG} {p}")
+        out.append(EmbeddingFile(p, token, vectors))
+    return out
+
+
+@dataclass
+class LoadedEmbeddings:
+    """Embeddings added to a model's tokenizers and text encoders."""
+
+    tokens: list[str]
+    loader: Any  # a diffusers pipeline (TextualInversionLoaderMixin) over the same tokenizers
+
+    def convert_prompt(self, text: str, tokenizer: Any) -> str:
+        """``text`` with each embedding word written as its tokens for ``tokenizer`` (``w`` -> ``w w_1 ...``)."""
+        for token in self.tokens:
+            # diffusers matches the added token by its exact spelling; CLIP ignores case anyway
+            text = re.sub(re.escape(token), token, text, flags=re.IGNORECASE)
+        return self.loader.maybe_convert_prompt(text, tokenizer)
+
+
+def _check_fits(emb: EmbeddingFile, family: Family, tokenizers: list, text_encoders: list) -> None:
+    where = f"{FLAG} {emb.path}"
+    sdxl = family is Family.SDXL
+    if emb.sdxl != sdxl:
+        kind = "an SDXL embedding (clip_l + clip_g)" if emb.sdxl else "an SD 1.x/2.x embedding (one text encoder)"
+        raise ConfigError(f"{where} is {kind}, but the model is {family.pretty}")
+    for tok, te, vec in zip(tokenizers, text_encoders, emb.vectors):
+        width = te.get_input_embeddings().weight.shape[-1]
+        if vec.shape[-1] != width:
+            raise ConfigError(f"{where}: vectors of width {vec.shape[-1]}, but the model's text encoder takes "
+                              f"{width}; the embedding was made for another model family")
+        vocab = tok.get_vocab()
+        taken = [t for t in (emb.token, f"{emb.token}_1") if t in vocab]
+        if taken:
+            raise ConfigError(f"{where}: the word {taken[0]!r} is already a token of the tokenizer; rename the "
+                              "file (its name is the prompt word)")
+
+
+@torch.no_grad()
+def load_embeddings(model: Any, embeddings: list[EmbeddingFile]) -> LoadedEmbeddings | None:
+    """Add ``embeddings`` to ``model``'s tokenizers and text encoders, in place.
+
+    Args:
+        model: a ``LoadedModel``; its ``tokenizers`` / ``text_encoders`` are the ones sdtk encodes with.
+
+    Returns:
+        the converter for prompts, or None without embeddings.
+
+    Raises:
+        ConfigError: an embedding of another family or width, or a word that is already a token.
+    """
+    if not embeddings:
+        return None
+    from library.inference.generate import pipeline_for
+
+    n_tes = 2 if model.family is Family.SDXL else 1
+    tokenizers, text_encoders = list(model.tokenizers[:n_tes]), list(model.text_encoders[:n_tes])
+    for emb in embeddings:
+        _check_fits(emb, model.family, tokenizers, text_encoders)
+    loader = pipeline_for(model, img2img=False)
+    for emb in embeddings:
+        for tok, te, vec in zip(tokenizers, text_encoders, emb.vectors):
+            try:
+                loader.load_textual_inversion(vec, token=emb.token, tokenizer=tok, text_encoder=te)
+            except ValueError as e:
+                raise ConfigError(f"{FLAG} {emb.path}: {str(e).splitlines()[0][:200]}") from e
+            _verify(emb, tok, te, vec)
+        logger.info("textual inversion %s: word %r, %d vector(s)", emb.path, emb.token, emb.vectors[0].shape[0])
+    return LoadedEmbeddings([e.token for e in embeddings], loader)
+
+
+def _verify(emb: EmbeddingFile, tokenizer: Any, text_encoder: Any, vec: torch.Tensor) -> None:
+    """The new tokens have ids of their own holding the file's vectors (guards the surgery, e.g. against a
+    token the tokenizer could not add, whose id would fall back to an existing token's)."""
+    names = [emb.token] + [f"{emb.token}_{i}" for i in range(1, vec.shape[0])]
+    ids = tokenizer.convert_tokens_to_ids(names)
+    weight = text_encoder.get_input_embeddings().weight
+    special = {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    if len(set(ids)) != len(ids) or special & set(ids) or \
+            not torch.allclose(weight[ids].float().cpu(), vec, atol=1e-2, rtol=1e-2):
+        raise ModelLoadError(f"{FLAG} {emb.path}: the embedding could not be added to the tokenizer as "
+                             f"{names[0]!r}; rename the file (letters, digits, - and _)")
