@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -126,34 +126,18 @@ class DyLoRAModule(LoRAModule):
         self.lora_down = UnitStack(self.lora_down.weight, unit, 0)
         self.lora_up = UnitStack(self.lora_up.weight, unit, 1)
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus the delta of the first ``trained_units`` units (all units in eval mode).
-
-        Args:
-            x: input of the base module: (B, ..., in) for Linear, (B, in, H, W) for Conv2d.
-        """
-        org_out = self.org_forward(x, *args, **kwargs)
-        if not self.enabled:
-            return org_out
-        if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
-            return org_out
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, int, float, Callable[[torch.Tensor], torch.Tensor]]:
+        """The first ``trained_units`` units in training (all units in eval mode); the scale is
+        alpha / rank, what a rank-r slice of the saved file computes. The rest of the forward
+        (dropouts, multiplier) is :class:`~networks.lora_modules.LoRAModule`'s."""
         dynamic = self.training and self.trained_units is not None
         n = min(self.trained_units, self.n_units) if dynamic else self.n_units
         down, up = self.lora_down.first(n, dynamic), self.lora_up.first(n, dynamic)
         rank = n * self.unit
-
         x = x.to(down.dtype)
         lx = F.conv2d(x, down, stride=self._conv[0], padding=self._conv[1]) if self._conv else F.linear(x, down)
-        if self.dropout is not None and self.training:
-            lx = F.dropout(lx, p=self.dropout)
-        scale = self.scale * self.lora_dim / rank  # alpha / rank: what a rank-r slice of the file computes
-        if self.rank_dropout is not None and self.training:
-            mask = torch.rand((lx.size(0), rank), device=lx.device) > self.rank_dropout
-            mask = mask.unsqueeze(1) if lx.dim() == 3 else mask.unsqueeze(-1).unsqueeze(-1) if lx.dim() == 4 else mask
-            lx = lx * mask
-            scale = scale / (1.0 - self.rank_dropout)
-        lx = F.conv2d(lx, up) if self._conv else F.linear(lx, up)
-        return org_out + (lx * self.multiplier * scale).to(org_out.dtype)
+        up_fn = (lambda t: F.conv2d(t, up)) if self._conv else (lambda t: F.linear(t, up))
+        return lx, rank, self.scale * self.lora_dim / rank, up_fn
 
 
 class DyLoRANetwork(LoRANetwork):

@@ -24,7 +24,39 @@ import torch.nn.functional as F
 from networks.lora_blocks import block_index
 
 
-class LoRAModule(torch.nn.Module):
+class ForwardHook(torch.nn.Module):
+    """Base of the adapters that route a base layer's forward through their own (LoRA, OFT, DyLoRA).
+
+    The base layer is kept in a list, not as an attribute, so it is not registered as a submodule
+    (its weights must not appear in the adapter's state dict). Subclasses call :meth:`_hook_base`
+    in ``__init__`` and use ``self.org_forward`` in ``forward``.
+    """
+
+    def _hook_base(self, org_module: torch.nn.Module) -> None:
+        self._org = [org_module]
+        self.org_forward: Any = None
+
+    @property
+    def org_module(self) -> torch.nn.Module:
+        return self._org[0]
+
+    def apply_to(self) -> None:
+        """Route the base module's forward through this adapter."""
+        if self.org_forward is not None:
+            return
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        """Undo :meth:`apply_to`: the base module computes its own output again."""
+        if self.org_forward is None:
+            return
+        if self.org_module.__dict__.get("forward") is not None:
+            del self.org_module.forward
+        self.org_forward = None
+
+
+class LoRAModule(ForwardHook):
     """LoRA adapter of one base module (state-dict keys ``lora_down.weight``, ``lora_up.weight``, ``alpha``).
 
     Args:
@@ -79,34 +111,11 @@ class LoRAModule(torch.nn.Module):
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
         self.enabled = True
-        # A list, not an attribute, so the base module is not registered as a submodule (its
-        # weights must not appear in the LoRA's state dict).
-        self._org = [org_module]
-        self.org_forward: Any = None
-
-    @property
-    def org_module(self) -> torch.nn.Module:
-        return self._org[0]
+        self._hook_base(org_module)
 
     @property
     def is_conv(self) -> bool:
         return isinstance(self.lora_down, torch.nn.Conv2d)
-
-    # -- hooking -------------------------------------------------------------------------------
-    def apply_to(self) -> None:
-        """Route the base module's forward through this adapter."""
-        if self.org_forward is not None:
-            return
-        self.org_forward = self.org_module.forward
-        self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        """Undo :meth:`apply_to`: the base module computes its own output again."""
-        if self.org_forward is None:
-            return
-        if self.org_module.__dict__.get("forward") is not None:
-            del self.org_module.forward
-        self.org_forward = None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
@@ -126,21 +135,25 @@ class LoRAModule(torch.nn.Module):
         if self.module_dropout is not None and self.training and torch.rand(1) < self.module_dropout:
             return org_out
 
-        lx = self.lora_down(x.to(self.lora_down.weight.dtype))
+        lx, rank, scale, up = self._down(x)
         if self.dropout is not None and self.training:
             lx = F.dropout(lx, p=self.dropout)
-        scale = self.scale
         if self.rank_dropout is not None and self.training:
-            mask = torch.rand((lx.size(0), self.lora_dim), device=lx.device) > self.rank_dropout
+            mask = torch.rand((lx.size(0), rank), device=lx.device) > self.rank_dropout
             if lx.dim() == 3:  # (B, tokens, rank): text encoder and transformer blocks
                 mask = mask.unsqueeze(1)
             elif lx.dim() == 4:  # (B, rank, H, W): convolutions
                 mask = mask.unsqueeze(-1).unsqueeze(-1)
             lx = lx * mask
             # Treat the dropped ranks as if the rank were smaller, keeping the expected delta.
-            scale = self.scale * (1.0 / (1.0 - self.rank_dropout))
-        lx = self.lora_up(lx)
+            scale = scale * (1.0 / (1.0 - self.rank_dropout))
+        lx = up(lx)
         return org_out + (lx * self.multiplier * scale).to(org_out.dtype)
+
+    def _down(self, x: torch.Tensor) -> tuple[torch.Tensor, int, float, Callable[[torch.Tensor], torch.Tensor]]:
+        """The rank activations of ``x``, the rank and scale in use, and the up projection that
+        maps them back (subclasses such as DyLoRA use fewer ranks)."""
+        return self.lora_down(x.to(self.lora_down.weight.dtype)), self.lora_dim, self.scale, self.lora_up
 
     def delta_weight(self, up: torch.Tensor | None = None, down: torch.Tensor | None = None, multiplier: float | None = None) -> torch.Tensor:
         """The weight change this adapter is equivalent to, in float32: multiplier * scale * up @ down.

@@ -39,7 +39,7 @@ from library.models.families import Family
 from networks import lora_keys as keys
 from networks.interface import NetworkCapabilities
 from networks.lora_io import load_state_dict_file, save_network_weights
-from networks.lora_modules import unet_layout_of
+from networks.lora_modules import ForwardHook, unet_layout_of
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def parse_oft_args(kwargs: Mapping[str, Any]) -> OFTArgs:
 
 
 # -- one adapted layer ----------------------------------------------------------------------------
-class OFTModule(torch.nn.Module):
+class OFTModule(ForwardHook):
     """OFT of one base ``nn.Linear`` / ``nn.Conv2d`` (state-dict keys ``oft_blocks``, ``alpha``).
 
     Args:
@@ -148,27 +148,7 @@ class OFTModule(torch.nn.Module):
         self.oft_blocks = torch.nn.Parameter(torch.zeros(num_blocks, self.block_size, self.block_size))
         self.multiplier = multiplier
         self.enabled = True
-        self._org = [org_module]  # a list so the base layer is not a submodule (not in the state dict)
-        self.org_forward: Any = None
-
-    @property
-    def org_module(self) -> torch.nn.Module:
-        return self._org[0]
-
-    def apply_to(self) -> None:
-        """Route the base layer's forward through this module."""
-        if self.org_forward is not None:
-            return
-        self.org_forward = self.org_module.forward
-        self.org_module.forward = self.forward
-
-    def restore(self) -> None:
-        """Undo :meth:`apply_to`."""
-        if self.org_forward is None:
-            return
-        if self.org_module.__dict__.get("forward") is not None:
-            del self.org_module.forward
-        self.org_forward = None
+        self._hook_base(org_module)
 
     def rotation(self, blocks: torch.Tensor | None = None, multiplier: float | None = None) -> torch.Tensor:
         """The per-block matrices ``multiplier * (R - I) + I``, float32 [num_blocks, block_size, block_size]."""
