@@ -36,11 +36,11 @@ import torch.nn.functional as F
 from library.errors import ConfigError
 from library.models.families import Family
 from networks import lora_keys as keys
-from networks.lora import LoRANetwork
+from networks.lora import LoRANetwork, read_network_file
 from networks.lora_args import VALID_KEYS as LORA_KEYS
 from networks.lora_args import parse_network_args
-from networks.lora_io import check_compatible, load_state_dict_file
-from networks.lora_modules import LoRAModule, unet_layout_of
+from networks.lora_io import check_compatible
+from networks.lora_modules import LoRAModule
 
 logger = logging.getLogger(__name__)
 
@@ -275,15 +275,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
         ModelLoadError: unreadable file, or a LoRA made for another model family.
         ConfigError: a rank in the file that is not a multiple of ``unit``.
     """
-    metadata: dict[str, str] = {}
-    if weights_sd is None:
-        weights_sd, metadata = load_state_dict_file(file)
-    weights_sd = keys.add_text_model_prefix(weights_sd)
-    tes = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    base = keys.family_of_models(unet, tes)
-    check_compatible(weights_sd, metadata, None, file, base_family=base)
-    if base is Family.SDXL and unet is not None:
-        weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, unet_layout_of(unet)))
+    weights_sd, metadata, base = read_network_file(file, weights_sd, text_encoder, unet)
     unit, args = parse_dylora_args(kwargs)
     modules_dim, modules_alpha = keys.dims_and_alphas(weights_sd)
     network = DyLoRANetwork(

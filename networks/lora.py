@@ -390,6 +390,29 @@ def create_network(
     return network
 
 
+def read_network_file(file: str | os.PathLike | None, weights_sd: Mapping[str, torch.Tensor] | None, text_encoder: Any,
+                      unet: Any) -> tuple[dict[str, torch.Tensor], dict[str, str], Family | None]:
+    """A LoRA-format file (or ``weights_sd``) checked against the models and in their naming.
+
+    Returns:
+        ``(weights_sd, metadata, base_family)``: SDXL files with sgm UNet names renamed to the
+        diffusers UNet's modules; ``base_family`` of the given models (None if unknown).
+
+    Raises:
+        ModelLoadError: unreadable file, or a LoRA made for another model family than ``unet``.
+    """
+    metadata: dict[str, str] = {}
+    if weights_sd is None:
+        weights_sd, metadata = load_state_dict_file(file)
+    weights_sd = keys.add_text_model_prefix(weights_sd)
+    text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    base = keys.family_of_models(unet, text_encoders)
+    check_compatible(weights_sd, metadata, None, file, base_family=base)
+    if base is Family.SDXL and unet is not None:
+        weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, unet_layout_of(unet)))
+    return weights_sd, metadata, base
+
+
 def create_network_from_weights(
     multiplier: float,
     file: str | os.PathLike | None,
@@ -410,15 +433,7 @@ def create_network_from_weights(
     Raises:
         ModelLoadError: unreadable file, or a LoRA made for another model family than ``unet``.
     """
-    metadata: dict[str, str] = {}
-    if weights_sd is None:
-        weights_sd, metadata = load_state_dict_file(file)
-    weights_sd = keys.add_text_model_prefix(weights_sd)
-    text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
-    base = keys.family_of_models(unet, text_encoders)
-    check_compatible(weights_sd, metadata, None, file, base_family=base)
-    if base is Family.SDXL and unet is not None:
-        weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, unet_layout_of(unet)))
+    weights_sd, metadata, base = read_network_file(file, weights_sd, text_encoder, unet)
     modules_dim, modules_alpha = keys.dims_and_alphas(weights_sd)
     network = LoRANetwork(
         text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha, is_sdxl=base is Family.SDXL
