@@ -21,6 +21,7 @@ from library.models.loading import load_models
 from networks import check_lora_weights, extract_lora_from_models, lora, lora_math, merge_lora, resize_lora
 from networks import sdxl_merge_lora, svd_merge_lora
 from networks.lora_tools_common import load_lora
+from tests.trainer_fixtures import unet_out as _unet_out
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,17 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------ helpers
 def _te_arg(m):
     return m.text_encoders if m.family is Family.SDXL else m.text_encoders[0]
-
-
-def _unet_out(m, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, m.unet.config.cross_attention_dim, generator=g)
-    kw = {}
-    if m.family is Family.SDXL:
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 64, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    with torch.no_grad():
-        return m.unet(x, torch.tensor([500]), ctx, **kw).sample
 
 
 def _te_out(m, i: int = 0) -> torch.Tensor:

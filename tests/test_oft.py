@@ -15,17 +15,7 @@ from library.models.tiny import build_tiny_model
 from networks import oft
 from networks.interface import call_prepare_optimizer_params, capabilities_of
 from tests.trainer_fixtures import make_dataset, run_in_process, train_argv
-
-
-def _unet_out(m, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(1, 4, 8, 8, generator=g)
-    ctx = torch.randn(1, 77, m.unet.config.cross_attention_dim, generator=g)
-    kw = {}
-    if m.family is Family.SDXL:
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 64, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
-    with torch.no_grad():
-        return m.unet(x, torch.tensor([500]), ctx, **kw).sample
+from tests.trainer_fixtures import unet_out as _unet_out
 
 
 def _randomize(net: oft.OFTNetwork, seed: int = 1, std: float = 0.05) -> None:

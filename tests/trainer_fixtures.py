@@ -72,3 +72,19 @@ def assert_same_tensors(a: dict, b: dict, atol: float = 0.0) -> None:
         else:
             diff = (a[k].float() - b[k].float()).abs().max().item()
             assert diff <= atol, f"{k} differs by {diff}"
+
+
+def unet_out(m, seed: int = 0):
+    """The UNet output of a tiny model (SD1/SD2/SDXL) for fixed random inputs; no gradients."""
+    import torch
+
+    from library.models.families import Family
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, 8, 8, generator=g)
+    ctx = torch.randn(1, 77, m.unet.config.cross_attention_dim, generator=g)
+    kw = {}
+    if m.family is Family.SDXL:
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 64, generator=g), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]])}
+    with torch.no_grad():
+        return m.unet(x, torch.tensor([500]), ctx, **kw).sample
