@@ -28,6 +28,7 @@ from library.data import images as img_ops
 from library.data.dataset import DatasetGroup, Sample
 from library.errors import DatasetError
 from library.utils.atomic import save_safetensors
+from library.utils.sampling import sample_elements
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,8 @@ def vae_fingerprint(vae: Any) -> str:
     h.update(json.dumps({k: v for k, v in config.items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, t in vae.state_dict().items():
-            flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 64)).long().to(flat.device)
             h.update(name.encode() + str(tuple(t.shape)).encode())
-            h.update(flat[idx].to(torch.float16).cpu().numpy().tobytes())
+            h.update(sample_elements(t).to(torch.float16).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

@@ -28,6 +28,7 @@ import torch
 
 from library.errors import ConfigError, DatasetError
 from library.training.family import Conditioning
+from library.utils.sampling import sample_elements
 from library.utils.atomic import save_safetensors
 
 logger = logging.getLogger(__name__)
@@ -94,10 +95,8 @@ def encoder_fingerprint(text_encoders: list, tokenizers: list, max_token_length:
                             sort_keys=True, default=str).encode())
         with torch.no_grad():
             for name, t in te.state_dict().items():
-                flat = t.detach().reshape(-1)
-                idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 64)).long().to(flat.device)
                 h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-                h.update(flat[idx].float().cpu().numpy().tobytes())
+                h.update(sample_elements(t).float().cpu().numpy().tobytes())
     for tok in tokenizers:
         h.update(f"{len(tok)}|{tok.model_max_length}|{tok.bos_token_id}|{tok.eos_token_id}|{tok.pad_token_id}".encode())
     return h.hexdigest()[:16]
