@@ -12,6 +12,13 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+if "SDTK_CACHE_DIR" not in os.environ:  # sdtk's per-user cache (rebuilt tokenizers): never the user's real one
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["SDTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdtk-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["SDTK_CACHE_DIR"], True)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -166,7 +166,7 @@ def _apply_reference_scheduler(model, reference: str | None) -> None:
 
 def convert(args: argparse.Namespace) -> Path:
     """Run the conversion described by parsed ``args``; returns the output path."""
-    from library.models.loading import load_models
+    from library.models.loading import check_vocabularies, load_models
     from library.models.saving import precision_dtype, save_diffusers, save_single_file
 
     check_flags(args)
@@ -195,6 +195,10 @@ def convert(args: argparse.Namespace) -> Path:
         if args.unet_use_linear_projection and not model.unet.config.get("use_linear_projection", False):
             raise ModelSaveError("--unet_use_linear_projection: converting a conv-projection SD2 U-Net is not supported")
         model.tokenizers = tokenizers
+        try:
+            check_vocabularies(model, str(src))
+        except ModelLoadError as e:
+            raise ModelLoadError(f"{e}; for this tool, --reference_model <diffusers folder> also works") from e
         _apply_reference_scheduler(model, args.reference_model)
         save_diffusers(model, out, dtype, use_safetensors=args.use_safetensors)
     return out

@@ -311,5 +311,17 @@ def load_models(path: str, *, v2: bool = False, v_parameterization: bool = False
         model.vae = load_vae(vae, model.model_config["vae"], dtype=dtype, allow_pickle=allow_pickle, mmap=mmap)
     if with_tokenizers:
         model.tokenizers = load_tokenizers(model.family, tok_folder, tokenizer_cache_dir)
+        check_vocabularies(model, path)
     logger.info("loaded %s model from %s%s", model.family.pretty, path, " (v-prediction)" if model.v_parameterization else "")
     return model
+
+
+def check_vocabularies(model: LoadedModel, path) -> None:
+    """A tokenizer larger than its text encoder's token table would index past it at the first caption."""
+    for i, (tok, te) in enumerate(zip(model.tokenizers, model.text_encoders)):
+        rows = te.get_input_embeddings().num_embeddings
+        if len(tok) > rows:
+            raise ModelLoadError(
+                f"{path}: tokenizer {i + 1} has {len(tok)} tokens but text encoder {i + 1} has only {rows} token "
+                "embeddings; pass the tokenizer that belongs to this model with --tokenizer_cache_dir "
+                "(or use its diffusers folder, which contains it)")

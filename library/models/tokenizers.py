@@ -6,7 +6,10 @@ Order, for each tokenizer a family needs (kohya's hub ids, see ``families.TOKENI
 2. ``--tokenizer_cache_dir`` in kohya's layout: ``<dir>/<hub id with "/" replaced by "_">``;
 3. the hub, only when the machine is online and neither ``HF_HUB_OFFLINE`` nor
    ``TRANSFORMERS_OFFLINE`` is set; the result is saved into ``--tokenizer_cache_dir`` when given;
-4. otherwise a clear error saying how to supply one offline.
+4. otherwise sdtk's own copy: the real tokenizer rebuilt from the CLIP BPE vocabulary bundled with
+   sdtk (the same 49,408 tokens and merges, so the same ids; SD2 and SDXL's second tokenizer pad with
+   "!"), written once, atomically, into a per-user cache folder (:func:`user_cache_dir`) and read from
+   there afterwards. A single-file checkpoint therefore trains offline with no tokenizer setup.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from library.errors import ModelLoadError
 from library.models.families import TOKENIZER_IDS, Family
 
 logger = logging.getLogger(__name__)
@@ -27,6 +29,15 @@ MAX_LENGTH = 77
 def _pad_token(family: Family, index: int) -> str | None:
     # SD2's tokenizer and SDXL's second tokenizer (OpenCLIP) pad with "!" (kohya sets it the same way).
     return "!" if (family is Family.SD2 or (family is Family.SDXL and index == 1)) else None
+
+
+def user_cache_dir() -> Path:
+    """Where sdtk keeps its rebuilt tokenizers: ``$SDTK_CACHE_DIR/tokenizers``, else
+    ``$XDG_CACHE_HOME/sdtk/tokenizers``, else ``~/.cache/sdtk/tokenizers`` (kohya's cache layout inside)."""
+    if os.environ.get("SDTK_CACHE_DIR"):
+        return Path(os.environ["SDTK_CACHE_DIR"]) / "tokenizers"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "sdtk" / "tokenizers"
 
 
 def cache_folder(cache_dir: str | os.PathLike, hub_id: str) -> Path:
@@ -83,29 +94,24 @@ def load_tokenizers(
                 tokenizers.append(_finish(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), pad))
                 continue
             tried.append(str(folder))
-        tokenizers.append(_from_hub(hub_id, subfolder, pad, tokenizer_cache_dir, tried))
+        tok, why_not = _from_hub(hub_id, subfolder, pad, tokenizer_cache_dir)
+        tokenizers.append(tok if tok is not None else _builtin(hub_id, pad, tried, why_not))
     return tokenizers
 
 
-def _from_hub(hub_id: str, subfolder: str | None, pad: str | None, cache_dir, tried: list[str]):
+def _from_hub(hub_id: str, subfolder: str | None, pad: str | None, cache_dir) -> tuple[object | None, str]:
+    """The tokenizer from the hub, or ``(None, why not)`` without waiting when the machine is offline."""
     from transformers import CLIPTokenizer
 
-    how = (
-        f"tokenizer {hub_id!r} is not available offline (looked in: {', '.join(tried) or 'nowhere'}). "
-        f"Put a copy of it (tokenizer.json or vocab.json + merges.txt) in "
-        f"<tokenizer_cache_dir>/{hub_id.replace('/', '_')} and pass --tokenizer_cache_dir, "
-        "or use a diffusers model folder that contains it; to build the standard CLIP tokenizers offline run: "
-        f"python tools/make_clip_tokenizer.py --tokenizer_cache_dir {cache_dir or '<dir>'}"
-    )
     if _offline():
-        raise ModelLoadError(how + " (HF_HUB_OFFLINE is set, so the hub was not tried)")
+        return None, "HF_HUB_OFFLINE is set"
     if not _hub_reachable():
-        raise ModelLoadError(how + " (the model hub is not reachable from this machine)")
+        return None, "the model hub is not reachable"
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
         tok = CLIPTokenizer.from_pretrained(hub_id, **kwargs)
     except Exception as e:  # network errors come in many types; the message is what matters
-        raise ModelLoadError(how + f" (downloading it failed: {type(e).__name__})") from e
+        return None, f"downloading it failed: {type(e).__name__}"
     tok = _finish(tok, pad)
     if cache_dir is not None:
         from library.utils.atomic import atomic_dir
@@ -113,6 +119,31 @@ def _from_hub(hub_id: str, subfolder: str | None, pad: str | None, cache_dir, tr
         with atomic_dir(cache_folder(cache_dir, hub_id)) as tmp:
             tok.save_pretrained(str(tmp))
         logger.info("saved tokenizer %s into %s", hub_id, cache_dir)
+    return tok, ""
+
+
+def _builtin(hub_id: str, pad: str | None, tried: list[str], why_not: str):
+    """sdtk's rebuilt copy of ``hub_id`` from the per-user cache, written there first if missing."""
+    from transformers import CLIPTokenizer
+
+    folder = cache_folder(user_cache_dir(), hub_id)
+    logger.info("tokenizer %s not found (looked in: %s; %s): using sdtk's bundled CLIP vocabulary, cached in %s",
+                hub_id, ", ".join(tried) or "no folder given", why_not, folder)
+    if folder.is_dir():
+        try:
+            return _finish(CLIPTokenizer.from_pretrained(str(folder), local_files_only=True), pad)
+        except Exception as e:  # a damaged cache is rebuilt below
+            logger.warning("rebuilding the tokenizer cache %s (%s)", folder, e)
+    tok = build_clip_tokenizer(pad)
+    from library.utils.atomic import atomic_dir
+
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(folder) as tmp:
+            tok.save_pretrained(str(tmp))
+    except OSError as e:  # read-only home, or another process wrote it at the same moment: the tokenizer is in hand
+        if not folder.is_dir():
+            logger.warning("could not cache the tokenizer in %s (%s); it is rebuilt on every run", folder, e)
     return tok
 
 
