@@ -114,6 +114,9 @@ def test_token_warmup():
     frac = sub(token_warmup_min=1, token_warmup_step=0.5)
     assert run(caption, frac, step=2, max_steps=8) == "a, b, c"
     assert warmup_step_count(0.5, 8) == 4 and warmup_step_count(10, None) == 10
+    # a fractional warm-up is counted exactly: 0.29 of 100 steps is 29 (floor(0.29 * 100) is 28 in floats)
+    assert warmup_step_count(0.29, 100) == 29
+    assert run("a, b, c, d", sub(token_warmup_min=1, token_warmup_step=0.29), step=28, max_steps=100) == "a, b, c"
     # keep_tokens are always there; warm-up counts the flexible tags
     assert run(caption, sub(keep_tokens=2, token_warmup_min=1, token_warmup_step=4), step=0) == "a, b, c"
 

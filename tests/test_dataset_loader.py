@@ -262,3 +262,18 @@ def test_validation_split(tmp_path):
     assert val == {s.entry.path.name for s in build_dataset_group(bp, seed=9, split="validation").samples()}
     with pytest.raises(DatasetError, match="no datasets"):
         build_dataset_group(blueprint(subs), split="validation")
+
+
+@pytest.mark.parametrize("n, share", [(10, 0.35), (10, 0.3), (7, 0.5), (20, 0.15), (3, 0.99)])
+def test_validation_split_is_disjoint_and_complete(tmp_path, n, share):
+    """kohya's two float formulas (ceil(n * (1 - s)) for training, round(n * s) for validation) overlap by an
+    image at 10 x 0.35; sdtk counts once, exactly: training = ceil(n * (1 - s)), validation = the rest."""
+    import math
+    from fractions import Fraction
+
+    folder = dreambooth_folder(tmp_path / "t", {f"i{k}": (64, 64) for k in range(n)})
+    bp = blueprint([db_subset(folder)], validation_split=share, validation_seed=1)
+    train = [s.entry.path.name for s in build_dataset_group(bp).samples()]
+    val = [s.entry.path.name for s in build_dataset_group(bp, split="validation").samples()]
+    assert not set(train) & set(val) and len(set(train) | set(val)) == n
+    assert len(set(train)) == math.ceil((1 - Fraction(str(share))) * n)

@@ -76,6 +76,8 @@ def test_bad_scheduler_settings_are_explained():
 
 def test_ratio_steps_follow_kohya():
     assert resolve_steps(0.1, 250) == 25 and resolve_steps(30, 250) == 30 and resolve_steps(None, 9) == 0
+    # the decimal the user wrote, counted exactly (int(0.29 * 100) and int(0.57 * 100) are 28 and 56 in floats)
+    assert resolve_steps(0.29, 100) == 29 and resolve_steps(0.57, 100) == 57 and resolve_steps(0.07, 1000) == 70
     opt = _opt()
     lrs = _curve(build_lr_scheduler(opt, "linear", 20, 0.25), opt, 20)
     assert lrs[:6] == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])

@@ -8,13 +8,13 @@ the global ``random`` module, so results are deterministic per seed and resumabl
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from pathlib import Path
 
 from library.config.dataset_params import SubsetParams
 from library.errors import DatasetError
+from library.utils.ratios import floor_of, floor_scaled
 
 _WILDCARD = re.compile(r"\{([^}]+)\}")
 
@@ -88,7 +88,7 @@ def _split_tokens(caption: str, subset: SubsetParams) -> tuple[list[str], list[s
 def warmup_step_count(token_warmup_step: float, max_steps: int | None) -> int | float:
     """The step at which token warm-up ends: values < 1 are a fraction of ``max_steps``."""
     if token_warmup_step < 1:
-        return math.floor(token_warmup_step * (max_steps or 0))
+        return floor_of(token_warmup_step, max_steps or 0)
     return token_warmup_step
 
 
@@ -129,7 +129,7 @@ def process_caption(caption: str, subset: SubsetParams, *, epoch: int, step: int
         fixed, flex, suffix = _split_tokens(caption, subset)
         if warmup and step < warmup:
             # grow the number of flexible tags linearly from token_warmup_min to all of them
-            n = math.floor(step * ((len(flex) - subset.token_warmup_min) / warmup)) + subset.token_warmup_min
+            n = floor_scaled(step, len(flex) - subset.token_warmup_min, warmup) + subset.token_warmup_min
             flex = flex[:n]
         if subset.shuffle_caption:
             rng.shuffle(flex)

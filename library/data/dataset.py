@@ -14,7 +14,6 @@ each bucket is shuffled and cut into batches of ``batch_size``, and the batches 
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from library.data.buckets import BucketManager, adjust_min_max_bucket_reso, fixe
 from library.data.captions import process_caption
 from library.data.subsets import ImageEntry, SubsetScan, balance_reg_repeats, scan_subset
 from library.errors import DatasetError
+from library.utils.ratios import ceil_of, exact
 
 logger = logging.getLogger(__name__)
 
@@ -145,9 +145,9 @@ def _split_entries(entries: list[ImageEntry], params: DatasetParams, split: str,
         return entries if split == "train" else []
     order = list(entries)
     random.Random(params.validation_seed if params.validation_seed is not None else seed).shuffle(order)
-    if split == "train":
-        return order[: math.ceil(len(order) * (1 - share))]
-    return order[len(order) - round(len(order) * share):]
+    # one count, exact: kohya computes the two sides separately in floats, so they can overlap by an image
+    n_train = ceil_of(1 - exact(share), len(order))
+    return order[:n_train] if split == "train" else order[n_train:]
 
 
 class BucketDataset(torch.utils.data.Dataset):

@@ -172,7 +172,7 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
     out_dir = t.check_output_dir()
     every_n_epochs = a.save_every_n_epochs
     if a.save_n_epoch_ratio:  # kohya: save about N times over the run
-        every_n_epochs = math.floor(s.num_epochs / a.save_n_epoch_ratio) or 1
+        every_n_epochs = s.num_epochs // a.save_n_epoch_ratio or 1
     policy = S.SavePolicy(every_n_epochs, a.save_every_n_steps, a.save_last_n_epochs, a.save_last_n_steps,
                           a.save_last_n_epochs_state, a.save_last_n_steps_state, bool(a.save_state),
                           bool(a.save_state_on_train_end))

@@ -21,6 +21,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from library.errors import ConfigError
+from library.utils.ratios import floor_of
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ def resolve_steps(value: int | float | None, total: int) -> int:
     if value is None:
         return 0
     if isinstance(value, float) and value < 1:
-        return int(value * total)
+        return floor_of(value, total)  # exact: 0.29 of 100 steps is 29 (kohya's int(0.29 * 100) is 28)
     return int(value)
 
 
