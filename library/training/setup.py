@@ -278,6 +278,9 @@ def setup_session(t: NetworkTrainer) -> Session:
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
                 save_dtype=t.save_dtype(), trainable_params=params)
     s.metadata = build_session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
+    from library.training.memory import tune_allocator_for_training
+
+    tune_allocator_for_training()  # steps reuse heap buffers instead of faulting in fresh mappings (issue 12)
     return s
 
 
