@@ -24,10 +24,10 @@ def run_training(script: str, trainer_cls: Any, argv: list[str] | None = None) -
             print(f"wrote the effective config to {output_config_path(args)}")
             return 0
         configure_logging(args)
-        final = trainer_cls(args).train()
+        trainer = trainer_cls(args)
+        final = trainer.train()
         if final is not None:
-            kind = "LoRA" if args.network_module in ("networks.lora", "networks.dylora") else args.network_module
-            print(f"{kind} saved to {final}")
+            print(f"{trainer.output_label()} saved to {final}")
             if args.sample_prompts:
                 print(f"sample images in {Path(args.output_dir) / 'sample'}")
         return 0

@@ -34,12 +34,10 @@ def run_signature(s: Any) -> dict[str, Any]:
     """What must not change between a run and its resume (else the continuation is not exact)."""
     a = s.args
     return {
-        "network_module": a.network_module or "networks.lora", "network_dim": a.network_dim,
-        "network_alpha": a.network_alpha, "network_args": list(a.network_args or []),
+        **s.target.signature(s),
         "family": s.model.family.value, "seed": s.seed, "num_processes": s.accelerator.num_processes,
         "train_batch_size": a.train_batch_size, "gradient_accumulation_steps": a.gradient_accumulation_steps,
         "batches_per_epoch": s.plan.batches_per_epoch,
-        "network_keys": len(s.network.state_dict()),
     }
 
 
@@ -47,7 +45,7 @@ def make_state(s: Any, progress: Progress) -> TrainState:
     scaler = getattr(s.accelerator, "scaler", None)
     data_epoch, position = divmod(progress.epoch * s.plan.batches_per_epoch + progress.batch_in_epoch
                                   - progress.data_shift, s.plan.batches_per_epoch)
-    return TrainState(progress=Progress(**vars(progress)), network=s.network.state_dict(),
+    return TrainState(progress=Progress(**vars(progress)), network=s.target.state_dict(),
                       optimizer=s.optimizer.state_dict(), scheduler=s.lr_scheduler.state_dict(), rng=capture_rng(),
                       data={"epoch": data_epoch + 1, "position": position,
                             "epoch_losses": list(s.loss_recorder.values) if s.loss_recorder else []},
@@ -57,10 +55,8 @@ def make_state(s: Any, progress: Progress) -> TrainState:
 def resume(s: Any) -> Progress:
     """Load ``--resume`` into the session; returns the counters to continue from."""
     st = load_state(s.args.resume, run_signature(s))
-    missing, unexpected = s.network.load_state_dict(st.network, strict=False)
-    if missing or unexpected:
-        raise TrainingError(f"--resume {s.args.resume}: network weights do not match this network "
-                            f"(missing {len(missing)}, unexpected {len(unexpected)} keys)")
+    s.target.load_state_dict(st.network, s.args.resume)
+    s.target.before_resume(s, st.progress.global_step)
     s.optimizer.load_state_dict(st.optimizer)
     s.lr_scheduler.load_state_dict(st.scheduler)
     scaler = getattr(s.accelerator, "scaler", None)
@@ -149,13 +145,8 @@ def _global_loss(acc: Any, loss: torch.Tensor) -> float:
     return float(acc.reduce(loss.detach().clone(), reduction="sum"))
 
 
-def _te_arg(s: Any):
-    tes = s.model.text_encoders
-    return tes[0] if len(tes) == 1 else tes
-
-
 def run_loop(t: Any, s: Any) -> Path | None:
-    """Train until ``max_train_steps``; returns the final network file on the main process."""
+    """Train until ``max_train_steps``; returns the final output (file or folder) on the main process."""
     validator = Validator.create(t, s)
     try:
         return _run_loop(t, s, validator)
@@ -166,9 +157,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
 
 
 def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
-    from networks.interface import capabilities_of
-
-    a, acc = s.args, s.accelerator
+    a, acc, target = s.args, s.accelerator, s.target
     out_dir = t.check_output_dir()
     every_n_epochs = a.save_every_n_epochs
     if a.save_n_epoch_ratio:  # kohya: save about N times over the run
@@ -179,20 +168,18 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
     progress = start(s)
     set_train_mode(s.optimizer, True)  # schedule-free: a state may have been saved in eval mode
     val_loss: float | None = None
-    caps = capabilities_of(s.network)
     accum = max(1, a.gradient_accumulation_steps)
     per_epoch = s.plan.batches_per_epoch
-    init_trackers(acc, a, "network_train")
+    init_trackers(acc, a, t.tracker_name)
     logger.info("training: %d steps, %d epochs, %d batches per epoch, %d process(es)", s.max_train_steps,
                 s.num_epochs, per_epoch, acc.num_processes)
     if not a.resume:  # --sample_at_first; kohya samples before a run from --initial_step too (named step 0)
         t.sample_images(s, 0, None)
     bar = make_progress_bar(s.max_train_steps, progress.global_step, acc.is_main_process)
     recorder = s.loss_recorder = s.loss_recorder or LossRecorder()
-    te, unet = _te_arg(s), s.model.unet
     while progress.global_step < s.max_train_steps and progress.epoch < s.num_epochs:
         epoch_no = progress.epoch + 1
-        s.network.on_epoch_start(te, unet)
+        target.on_epoch_start(s)
         finished_epoch = True
         for pos, sl, batch in _epoch_data(s.plan, progress, a.max_data_loader_n_workers,
                                           bool(a.persistent_data_loader_workers)):
@@ -201,8 +188,7 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
             sync = pos + 1 == min(window_start + accum, per_epoch)
             torch.manual_seed(N.derive_seed(s.seed, progress.micro_step, acc.process_index, 1))
             gens = N.sample_generators(s.seed, progress.micro_step, sl.first_index, len(sl.indices))
-            if caps.on_step_start:
-                s.network.on_step_start(te, unet)
+            target.on_step_start(s)
             loss = t.compute_loss(s, batch, gens, sl.n_real, sl.global_size)
             loss_value = _global_loss(acc, loss)
             if math.isnan(loss_value) or math.isinf(loss_value):
@@ -221,14 +207,9 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
             s.lr_scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
             logs = {"loss/current": loss_value, "loss/average": recorder.average}
-            norm_postfix = {}
-            if a.scale_weight_norms and caps.max_norm_regularization:
-                scaled, mean_norm, max_norm = s.network.apply_max_norm_regularization(a.scale_weight_norms, acc.device)
-                # kohya's tracker keys and progress-bar fields
-                logs.update({"max_norm/keys_scaled": scaled, "max_norm/average_key_norm": mean_norm,
-                             "max_norm/max_key_norm": max_norm})
-                norm_postfix = {"keys_scaled": scaled, "avg_key_norm": f"{mean_norm:.4f}"}
             progress.global_step += 1
+            target_logs, norm_postfix = target.after_optimizer_step(s, progress.global_step)
+            logs.update(target_logs)
             if progress.batch_in_epoch == per_epoch:  # the epoch is complete: a state now resumes at the next
                 progress.epoch, progress.batch_in_epoch = progress.epoch + 1, 0
             lrs = s.lr_scheduler.get_last_lr()
@@ -263,8 +244,8 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
                 _save_at_epoch(t, s, progress, out_dir, policy, done_epoch)
             t.sample_images(s, progress.global_step, done_epoch)
     bar.close()
-    final = out_dir / (S.last_name(a.output_name) + S.model_ext(a.save_model_as))
-    t.save_network(s, final, progress.global_step, progress.epoch if progress.batch_in_epoch == 0 else
+    final = out_dir / (S.last_name(a.output_name) + target.output_suffix())
+    t.save_output(s, final, progress.global_step, progress.epoch if progress.batch_in_epoch == 0 else
                    progress.epoch + 1)
     if policy.save_state or policy.save_state_on_train_end:
         _write_state(s, progress, out_dir / f"{S.last_name(a.output_name)}-state")
@@ -294,8 +275,8 @@ def _save_at_epoch(t: Any, s: Any, progress: Progress, out_dir: Path, policy: S.
 def _save_checkpoint(t: Any, s: Any, progress: Progress, out_dir: Path, save_state: bool, name_of: Any,
                      removable: Any, counter: int, step: int, epoch: int) -> None:
     """Save the network (and state) under ``name_of(counter)``; drop what ``--save_last_n_*`` no longer keeps."""
-    ext = S.model_ext(s.args.save_model_as)
-    t.save_network(s, out_dir / (name_of(counter) + ext), step, epoch)
+    ext = s.target.output_suffix()
+    t.save_output(s, out_dir / (name_of(counter) + ext), step, epoch)
     old = removable(counter)
     if old is not None and s.accelerator.is_main_process:
         S.remove_output(out_dir / (name_of(old) + ext))

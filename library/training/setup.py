@@ -18,7 +18,7 @@ from library.training import noise as N
 from library.training.data import ShardedPlan
 from library.training.lr_schedulers import build_lr_scheduler
 from library.training.optimizers import build_optimizer
-from library.training.trainer import NetworkTrainer, Session, num_epochs_for
+from library.training.trainer import Session, Trainer, num_epochs_for
 
 logger = logging.getLogger(__name__)
 
@@ -137,67 +137,14 @@ def check_args(args: Any) -> None:
         raise ConfigError(problems)
 
 
-def _attention(unet: torch.nn.Module, args: Any) -> None:
-    if args.xformers:
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except Exception as e:  # xformers raises several types when missing / unsupported
-            raise ConfigError(f"--xformers is not usable here ({e}); install xformers for your CUDA build or use "
-                              "--sdpa") from e
-    # diffusers uses PyTorch's scaled_dot_product_attention by default: --sdpa needs nothing more
-
-
-def _prepare_models(t: NetworkTrainer, model: Any, acc: Any, weight_dtype: torch.dtype, train_te: bool) -> None:
-    a = t.args
-    device = acc.device
-    unet_dtype = weight_dtype
-    model.unet.requires_grad_(False).to(device, dtype=unet_dtype)
-    for te in model.text_encoders:
-        te.requires_grad_(False)
-        # on CPU, low-precision text encoders are slow and buy little; kohya keeps them fp32 there too
-        te.to(device, dtype=weight_dtype if device.type != "cpu" else torch.float32)
-    if a.gradient_checkpointing:
-        model.unet.enable_gradient_checkpointing()
-        model.unet.train()
-        for te in model.text_encoders:
-            if train_te:
-                te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-                te.train()
-    else:
-        model.unet.eval()
-        for te in model.text_encoders:
-            te.eval()
-    _attention(model.unet, a)
-
-
-def _build_network(t: NetworkTrainer, model: Any, train_unet: bool, train_te: bool):
-    from networks.interface import call_prepare_optimizer_params
-
-    a = t.args
-    module = t.import_network_module()
-    net_kwargs = t.network_kwargs()
-    network = t.create_network(module, model, dict(net_kwargs))
-    te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
-    network.apply_to(te, model.unet, train_te, train_unet)
-    if a.network_weights:  # also with --dim_from_weights: that only sizes the network (kohya loads both ways)
-        info = network.load_weights(a.network_weights)
-        logger.info("loaded network weights from %s: %s", a.network_weights, info)
-    te_lr = a.text_encoder_lr
-    if isinstance(te_lr, (list, tuple)) and len(te_lr) == 0:
-        te_lr = None
-    groups, _ = call_prepare_optimizer_params(network, te_lr, a.unet_lr, a.learning_rate)
-    return network, net_kwargs, groups
-
-
-def setup_session(t: NetworkTrainer) -> Session:
+def setup_session(t: Trainer) -> Session:
     """Everything from parsed args to a ready :class:`Session` (may resume from a state later)."""
-    from library.training.metadata_setup import build_session_metadata
-
     from library.training.memory import tune_allocator
 
     tune_allocator()  # before any large allocation
     a = t.args
     check_args(a)
+    target = t.make_target()
     t.preflight()
     t.check_output_dir()
     acc = make_accelerator(a)
@@ -226,24 +173,16 @@ def setup_session(t: NetworkTrainer) -> Session:
             if acc.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    train_unet = not a.network_train_text_encoder_only
-    train_te = not a.network_train_unet_only
-    network, net_kwargs, groups = _build_network(t, model, train_unet, train_te)
-    _prepare_models(t, model, acc, weight_dtype, train_te)
+    target.build(t, model, acc, weight_dtype)  # what is trained: frozen, cast, wrapped
     t.cache_text_encoder_outputs(group, model, acc)
-    if a.full_fp16 or a.full_bf16:
-        network.to(weight_dtype)
-    network.to(acc.device)
-    if a.gradient_checkpointing:
-        network.enable_gradient_checkpointing()
-    network.prepare_grad_etc(model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders,
-                             model.unet)
+    target.finish(t, model, acc, weight_dtype)
     if a.torch_compile:  # after the network hooks are in place and the modes / devices are final
         compile_unet(model.unet, compile_backend(a.dynamo_backend, acc.device.type == "cuda"))
-    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    groups = target.param_groups()
+    params = target.trainable_params()
     if not params:
-        raise TrainingError("the network has no trainable parameters: check --network_train_unet_only / "
-                            "--network_train_text_encoder_only and --network_args")
+        raise TrainingError("nothing to train: the training target has no trainable parameters")
+    target.check_memory_plan(t, model, acc)
 
     if a.max_train_epochs:
         max_steps = a.max_train_epochs * plan.steps_per_epoch
@@ -270,14 +209,15 @@ def setup_session(t: NetworkTrainer) -> Session:
     from diffusers import DDPMScheduler
 
     noise_sched = DDPMScheduler.from_config({k: v for k, v in model.scheduler_config.items() if not k.startswith("_")})
-    s = Session(args=a, accelerator=acc, family=family, model=model, network=network, net_kwargs=net_kwargs,
-                optimizer=optimizer, lr_scheduler=scheduler, plan=plan, group=group, seed=seed,
-                weight_dtype=weight_dtype, train_unet=train_unet, train_text_encoder=train_te,
+    s = Session(args=a, accelerator=acc, family=family, model=model, network=target.module,
+                net_kwargs=getattr(target, "net_kwargs", {}), optimizer=optimizer, lr_scheduler=scheduler, plan=plan,
+                group=group, seed=seed, weight_dtype=weight_dtype, train_unet=target.train_unet,
+                train_text_encoder=target.train_text_encoder,
                 alphas_cumprod=N.training_alphas_cumprod(noise_sched.betas, bool(a.zero_terminal_snr)),
                 v_prediction=v_prediction,
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
-                save_dtype=t.save_dtype(), trainable_params=params)
-    s.metadata = build_session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
+                save_dtype=t.save_dtype(), trainable_params=params, target=target)
+    s.metadata = target.session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
     from library.training.memory import tune_allocator_for_training
 
     tune_allocator_for_training()  # steps reuse heap buffers instead of faulting in fresh mappings (issue 12)

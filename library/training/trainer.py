@@ -1,9 +1,12 @@
-"""The network-training template (kohya's ``NetworkTrainer``): build everything, then run the loop.
+"""The training template (:class:`Trainer`): build everything, then run the loop.
 
 Each stage is a named method so a script for another family or method overrides only what
-differs (SDXL: :meth:`NetworkTrainer.family_adapter`, :meth:`expected_families`, ...). The
-loop itself lives in :mod:`library.training.loop`; the per-step maths in :meth:`compute_loss`
-uses the small feature modules (noise, loss).
+differs (SDXL: :meth:`Trainer.family_adapter`, :meth:`expected_families`, ...). *What* is
+trained is the session's training target (:mod:`library.training.targets`), made by
+:meth:`Trainer.make_target`: :class:`NetworkTrainer` (kohya's ``NetworkTrainer``) trains a
+network module, the full-model trainers (``train_db.py``, ``fine_tune.py``, ``sdxl_train.py``)
+the model itself. The loop lives in :mod:`library.training.loop`; the per-step maths in
+:meth:`compute_loss` uses the small feature modules (noise, loss).
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ _SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16
 
 @dataclass
 class Session:
-    """Everything the loop needs, built by :meth:`NetworkTrainer.setup`."""
+    """Everything the loop needs, built by :func:`library.training.setup.setup_session`.
+
+    ``network`` is the target's module (the network for a network target; the trained UNet and
+    text encoders for a full-model target): sampling and validation switch its train/eval mode.
+    """
 
     args: Namespace
     accelerator: Any
@@ -58,15 +65,26 @@ class Session:
     save_dtype: torch.dtype | None = None
     trainable_params: list = field(default_factory=list)
     loss_recorder: Any = None  # progress.LossRecorder, set by the loop (saved in states for avr_loss)
+    target: Any = None  # library.training.targets.TrainingTarget
 
 
-class NetworkTrainer:
-    """Template for training a network module (LoRA, LyCORIS, ...) on SD1/SD2."""
+class Trainer:
+    """The training template shared by every method; :meth:`make_target` says what is trained."""
 
     script_name = "train_network"
+    tracker_name = "network_train"  # kohya's tracker project name for the method
 
     def __init__(self, args: Namespace):
         self.args = args
+
+    # ------------------------------------------------------------------ hooks: what is trained
+    def make_target(self) -> Any:
+        """The run's :class:`~library.training.targets.TrainingTarget` (made before the model is loaded)."""
+        raise NotImplementedError
+
+    def output_label(self) -> str:
+        """What the entry script says it saved ("model", "LoRA", ...)."""
+        return "model"
 
     # ------------------------------------------------------------------ hooks: model family
     def expected_families(self) -> tuple[Family, ...]:
@@ -138,46 +156,6 @@ class NetworkTrainer:
         else:
             cache_latents(group, vae, **kwargs)
 
-    # ------------------------------------------------------------------ hooks: network
-    def import_network_module(self) -> Any:
-        from library.training.plugin_compat import apply_fixes
-
-        name = self.args.network_module or "networks.lora"
-        try:
-            module = importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"--network_module {name!r} cannot be imported ({e}); give a module path such as "
-                              "networks.lora or lycoris.kohya (pip install lycoris-lora)") from e
-        apply_fixes(name, module)
-        return module
-
-    def network_kwargs(self) -> dict[str, Any]:
-        """``--network_args key=value`` as a dict of strings (kohya passes strings to the module)."""
-        kwargs: dict[str, Any] = {}
-        for item in self.args.network_args or []:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--network_args entry {item!r} is not key=value")
-            kwargs[key.strip()] = value.strip()
-        return kwargs
-
-    def create_network(self, module: Any, model: Any, net_kwargs: dict[str, Any]) -> torch.nn.Module:
-        a = self.args
-        te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
-        if a.dim_from_weights:
-            if not a.network_weights:
-                raise ConfigError("--dim_from_weights needs --network_weights")
-            network, _ = module.create_network_from_weights(1.0, a.network_weights, model.vae, te, model.unet,
-                                                            **net_kwargs)
-        else:
-            if "dropout" not in net_kwargs:  # kohya injects the dropout into the module's kwargs
-                net_kwargs["dropout"] = a.network_dropout
-            network = module.create_network(1.0, a.network_dim, a.network_alpha, model.vae, te, model.unet,
-                                            neuron_dropout=a.network_dropout, **net_kwargs)
-        if network is None:
-            raise ConfigError(f"--network_module {a.network_module}: create_network returned nothing")
-        return network
-
     # ------------------------------------------------------------------ per-step maths
     def encode_text(self, s: Session, batch: dict[str, Any]) -> Conditioning:
         a, captions, tokenizers = self.args, batch["captions"], s.model.tokenizers
@@ -234,7 +212,7 @@ class NetworkTrainer:
 
     # ------------------------------------------------------------------ orchestration
     def train(self) -> Path | None:
-        """Run the whole training; returns the final network file (main process) or None."""
+        """Run the whole training; returns the final output (main process) or None."""
         from library.training.debug_dataset import debug_requested, run_debug_dataset
         from library.training.loop import run_loop
         from library.training.setup import setup_session
@@ -271,17 +249,10 @@ class NetworkTrainer:
         return int(seed)
 
     # ------------------------------------------------------------------ outputs
-    def save_network(self, s: Session, path: Path, steps: int, epoch: int) -> None:
-        """Write the network with its metadata atomically (main process only; others wait)."""
-        from library.training.metadata_setup import metadata_for_save
-        from library.training.optimizers import eval_mode
-        from library.utils.atomic import atomic_path
-
+    def save_output(self, s: Session, path: Path, steps: int, epoch: int) -> None:
+        """Write what the target trained to ``path`` atomically (main process only; others wait)."""
         if s.accelerator.is_main_process:
-            md = metadata_for_save(s, steps, epoch)
-            with atomic_path(path) as tmp, eval_mode(s.optimizer):  # schedule-free: save the evaluation weights
-                s.network.save_weights(str(tmp), s.save_dtype, md)
-            logger.info("saved %s", path)
+            s.target.save(self, s, path, steps, epoch)
         s.accelerator.wait_for_everyone()
 
     def sample_images(self, s: Session, steps: int, epoch: int | None) -> None:
@@ -305,6 +276,62 @@ class NetworkTrainer:
 
     def started(self) -> tuple[int, float]:
         return random.randint(0, 2**32 - 1), time.time()
+
+
+class NetworkTrainer(Trainer):
+    """Train a network module (LoRA, LyCORIS, ...) on SD1/SD2 (kohya's ``NetworkTrainer``)."""
+
+    script_name = "train_network"
+
+    def make_target(self) -> Any:
+        from library.training.targets.network import NetworkTarget
+
+        return NetworkTarget(self.args)
+
+    def output_label(self) -> str:
+        """What the entry script says it saved."""
+        name = self.args.network_module
+        return "LoRA" if name in (None, "networks.lora", "networks.dylora") else name
+
+    # ------------------------------------------------------------------ hooks: network
+    def import_network_module(self) -> Any:
+        from library.training.plugin_compat import apply_fixes
+
+        name = self.args.network_module or "networks.lora"
+        try:
+            module = importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"--network_module {name!r} cannot be imported ({e}); give a module path such as "
+                              "networks.lora or lycoris.kohya (pip install lycoris-lora)") from e
+        apply_fixes(name, module)
+        return module
+
+    def network_kwargs(self) -> dict[str, Any]:
+        """``--network_args key=value`` as a dict of strings (kohya passes strings to the module)."""
+        kwargs: dict[str, Any] = {}
+        for item in self.args.network_args or []:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--network_args entry {item!r} is not key=value")
+            kwargs[key.strip()] = value.strip()
+        return kwargs
+
+    def create_network(self, module: Any, model: Any, net_kwargs: dict[str, Any]) -> torch.nn.Module:
+        a = self.args
+        te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
+        if a.dim_from_weights:
+            if not a.network_weights:
+                raise ConfigError("--dim_from_weights needs --network_weights")
+            network, _ = module.create_network_from_weights(1.0, a.network_weights, model.vae, te, model.unet,
+                                                            **net_kwargs)
+        else:
+            if "dropout" not in net_kwargs:  # kohya injects the dropout into the module's kwargs
+                net_kwargs["dropout"] = a.network_dropout
+            network = module.create_network(1.0, a.network_dim, a.network_alpha, model.vae, te, model.unet,
+                                            neuron_dropout=a.network_dropout, **net_kwargs)
+        if network is None:
+            raise ConfigError(f"--network_module {a.network_module}: create_network returned nothing")
+        return network
 
 
 def num_epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:
