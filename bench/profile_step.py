@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     marks: list[tuple[float, float, int, float]] = []
     prof: list = []
 
+    def rss() -> str:
+        st = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+        return ", ".join(f"{k} {int(st[k].split()[0]) / 1024:.0f} MB" for k in ("VmHWM", "RssAnon", "RssFile"))
+
     def mark() -> None:
         ru = resource.getrusage(resource.RUSAGE_SELF)
         marks.append((time.perf_counter(), time.process_time(), ru.ru_minflt, ru.ru_stime))
@@ -78,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nstep {len(marks) - 1}: {b[0] - a[0]:.2f} s wall, {b[1] - a[1]:.2f} s CPU, "
                   f"({b[3] - a[3]:.2f} s in the kernel), {b[2] - a[2]} minor faults", flush=True)
         else:
-            print(f"start -> first step: {marks[0][0] - t0:.1f} s; torch threads {torch.get_num_threads()}",
-                  flush=True)
+            print(f"start -> first step: {marks[0][0] - t0:.1f} s; torch threads {torch.get_num_threads()}; "
+                  f"{rss()}", flush=True)
         if o.profile and len(marks) == 3:
             prof.append(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False))
             prof[0].__enter__()
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(table[:6000])
     steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])][1:]
     if steps:
+        print(rss())
         print(f"mean s/step over steps 2..{len(steps) + 1}: {sum(steps) / len(steps):.2f}; peak RSS "
               f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
