@@ -258,13 +258,13 @@ def test_help_lists_every_flag(script):
 
 
 def test_other_kohya_scripts_know_all_their_flags():
-    for script in ("train_db", "gen_img", "networks.merge_lora"):
+    for script in ("train_textual_inversion", "gen_img", "networks.merge_lora"):
         dests = {f.dest for f in A.flags_for(script)}
         own = {"allow_pickle"} if script == "gen_img" else set()  # sdtk-only safety switch
         assert dests == {e["dest"] for e in A.kohya_flags()[script]} | own
     with pytest.raises(ConfigError, match="--learning_rate is not supported by sdtk: not implemented yet"):
-        A.parse_args("train_db", ["--learning_rate", "1e-4"])
-    ns = A.parse_args("train_db", [])
+        A.parse_args("train_textual_inversion", ["--learning_rate", "1e-4"])
+    ns = A.parse_args("train_textual_inversion", [])
     assert isinstance(ns, argparse.Namespace) and ns.learning_rate == 2e-6
     with pytest.raises(ConfigError, match="unknown script"):
         A.flags_for("train_lora")

@@ -190,6 +190,9 @@ class BucketDataset(torch.utils.data.Dataset):
             if self.num_train_images < self.num_reg_images:
                 logger.warning("there are more reg images than train images; some reg images are not used")
         entries = train + used_reg
+        if not train and reg and split == "train":
+            raise DatasetError(f"the dataset has {len(reg)} regularization images but no training images; "
+                               "check --train_data_dir (folders named N_name with images) or the subsets' image_dir")
         if not entries:
             raise DatasetError(f"the {split} split of the dataset has no images"
                                + (" (raise validation_split)" if split == "validation" else ""))

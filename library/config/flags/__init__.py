@@ -7,14 +7,16 @@ A dest may be declared only once per script (checked at import).
 from __future__ import annotations
 
 from library.config.flags import (
-    config, dataset, gen_img, logging, loss, model, network, optimizer, sampling, saving, training, validation,
+    config, dataset, full_model, gen_img, logging, loss, model, network, optimizer, sampling, saving, training,
+    validation,
 )
 from library.config.flags.base import Flag
-from library.config.flags.scripts import COVERED_SCRIPTS, NETWORK_TRAINERS
+from library.config.flags.scripts import COVERED_SCRIPTS, FULL_TRAINERS, NETWORK_TRAINERS
 
 ALL_FLAGS: list[Flag] = [
     *config.FLAGS, *model.FLAGS, *dataset.FLAGS, *training.FLAGS, *loss.FLAGS, *optimizer.FLAGS,
     *network.FLAGS, *saving.FLAGS, *logging.FLAGS, *sampling.FLAGS, *validation.FLAGS, *gen_img.FLAGS,
+    *full_model.FLAGS,
 ]
 
 
@@ -31,4 +33,4 @@ def _check_unique(flags: list[Flag]) -> None:
 
 _check_unique(ALL_FLAGS)
 
-__all__ = ["ALL_FLAGS", "COVERED_SCRIPTS", "NETWORK_TRAINERS", "Flag"]
+__all__ = ["ALL_FLAGS", "COVERED_SCRIPTS", "FULL_TRAINERS", "NETWORK_TRAINERS", "Flag"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from library.config.flags.base import DONE, F, at_least, in_group, unsupported
+from library.config.flags.scripts import NETWORK_TRAINERS
 
 _HF = unsupported("Hugging Face upload is not supported (offline toolkit)")
 
@@ -12,7 +13,8 @@ SAVING = in_group("saving", [
       "Base file name of the trained files (NAME.safetensors, NAME-000001.safetensors, ...; "
       "default 'last')."),
     F("--save_model_as", str, "safetensors", DONE,
-      "File format of the trained network.", choices=[None, "ckpt", "pt", "safetensors"]),
+      "File format of the trained network.", choices=[None, "ckpt", "pt", "safetensors"],
+      scripts=NETWORK_TRAINERS),
     F("--save_precision", str, None, DONE,
       "Data type of the saved weights (default: as trained).", choices=[None, "float", "fp16", "bf16"]),
     F("--save_every_n_epochs", int, None, DONE, "Save every N epochs.", check=at_least(1)),

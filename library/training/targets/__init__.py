@@ -54,8 +54,8 @@ class TrainingTarget(ABC):
         """Every parameter the optimizer steps (gradient clipping and the multi-process all-reduce)."""
         return [p for g in self.param_groups() for p in (g["params"] if isinstance(g, dict) else [g])]
 
-    def check_memory_plan(self, t: Any, model: Any, accelerator: Any) -> None:
-        """Hook: refuse settings that cannot work with this target (after building, before the optimizer)."""
+    def check_session(self, s: Any) -> None:
+        """Hook: the session is complete (optimizer, step counts); warn about or refuse settings."""
 
     # ---------------------------------------------------------------- per step
     def on_epoch_start(self, s: Any) -> None:
