@@ -117,7 +117,7 @@ def _read_sizes(entries: list[ImageEntry], skip_bad_images: bool, known: dict[st
 
 def _bucket_manager(params: DatasetParams, declared: list[Reso | None]) -> tuple[BucketManager, bool]:
     if declared and all(s is not None for s in declared):
-        # fine-tuning metadata with train_resolution: those are the buckets (kohya)
+        # fine-tuning metadata with train_resolution (prepare_buckets_latents.py): those are the buckets
         manager = BucketManager(False, None, None, None, None)
         manager.set_predefined_resos(sorted(set(declared)))  # type: ignore[arg-type]
         return manager, True
@@ -130,6 +130,13 @@ def _bucket_manager(params: DatasetParams, declared: list[Reso | None]) -> tuple
     if not params.bucket_no_upscale:
         manager.make_buckets()
     return manager, True
+
+
+def _covering_size(size: Reso, bucket: Reso) -> Reso:
+    """``size`` scaled (aspect kept) so that it covers ``bucket``: the side that would fall short matches."""
+    w, h = size
+    scale = bucket[1] / h if w / h > bucket[0] / bucket[1] else bucket[0] / w
+    return max(bucket[0], int(w * scale + 0.5)), max(bucket[1], int(h * scale + 0.5))
 
 
 def _split_entries(entries: list[ImageEntry], params: DatasetParams, split: str, seed: int) -> list[ImageEntry]:
@@ -201,10 +208,13 @@ class BucketDataset(torch.utils.data.Dataset):
         _update_info_caches(used_scans, {str(e.path): s for e, s in sized})
         if not sized:
             raise DatasetError("the dataset has no usable images")
-        self.bucket_manager, self.enable_bucket = _bucket_manager(self.params, [e.size for e, _ in sized])
+        self.bucket_manager, self.enable_bucket = _bucket_manager(self.params, [e.bucket for e, _ in sized])
         self.samples: list[Sample] = []
         for entry, size in sized:
-            bucket, resized, _ = self.bucket_manager.select_bucket(*size)
+            if entry.bucket is not None and self.bucket_manager.predefined_resos:
+                bucket, resized = entry.bucket, _covering_size(size, entry.bucket)  # the metadata's bucket
+            else:
+                bucket, resized, _ = self.bucket_manager.select_bucket(*size)
             self.samples.append(Sample(entry, subset_of[id(entry)], tuple(size), tuple(bucket), tuple(resized)))
         logger.info("buckets (images x repeats):\n%s", format_histogram(self.bucket_counts()))
 

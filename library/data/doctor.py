@@ -15,7 +15,7 @@ from typing import Any
 from library.config.dataset_params import Blueprint, DatasetParams
 from library.data import images as img_ops
 from library.data.buckets import format_histogram
-from library.data.dataset import _bucket_manager
+from library.data.dataset import _bucket_manager, _covering_size
 from library.data.subsets import SubsetScan, balance_reg_repeats, scan_subset
 from library.errors import DatasetError
 
@@ -103,13 +103,16 @@ def _check_dataset(index: int, params: DatasetParams, report: Report, strict: bo
                 continue
         images.append((entry, subset, entry.size or sizes[key]))
     record["images"] = []
-    if params.resolution is None and not all(e.size for e, _, _ in images):
+    if params.resolution is None and not all(e.bucket for e, _, _ in images):
         report.errors.append(f"dataset {index}: resolution is not set; pass --resolution or set it in the config")
     elif images:
-        manager, _ = _bucket_manager(params, [e.size for e, _, _ in images])
+        manager, _ = _bucket_manager(params, [e.bucket for e, _, _ in images])
         counts: Counter = Counter()
         for entry, subset, size in images:
-            bucket, resized, _ = manager.select_bucket(*size)
+            if entry.bucket is not None and manager.predefined_resos:  # the metadata's train_resolution
+                bucket, resized = entry.bucket, _covering_size(size, entry.bucket)
+            else:
+                bucket, resized, _ = manager.select_bucket(*size)
             scale = img_ops.scale_factor(size, resized)
             record["images"].append({"path": str(entry.path), "key": entry.key, "original_size": list(size),
                                      "bucket": list(bucket), "resized_size": list(resized), "scale": round(scale, 4),

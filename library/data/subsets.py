@@ -7,8 +7,11 @@ dataset doctor can report every one of them at once. Training calls :meth:`Subse
   (also kohya's face-crop form ``name_cx_cy_w_h.png`` -> ``name<ext>``); with the default
   ``.caption`` extension, ``<stem>.txt`` is used when no ``.caption`` file exists (many datasets use
   ``.txt``); otherwise the subset's ``class_tokens``.
-* **Fine-tuning**: the metadata JSON ``{image_key: {"caption", "tags", "train_resolution"}}``;
-  ``image_key`` is a path, or a file name / stem inside ``image_dir``.
+* **Fine-tuning**: the metadata JSON ``{image_key: {"caption", "tags", "image_size", "train_resolution"}}``
+  or JSON lines (``.jsonl``: one ``{"image_path", "caption", "tags", "image_size"}`` per line);
+  ``image_key`` is a path, or a file name / stem inside ``image_dir``. ``image_size`` is the
+  image's own ``[w, h]`` (SDXL's original size; the file is not opened for it);
+  ``train_resolution`` (written by ``finetune/prepare_buckets_latents.py``) is its bucket.
 * **ControlNet**: like DreamBooth (no class tokens, no reg), plus a conditioning image with the
   same stem in ``conditioning_data_dir``.
 """
@@ -43,8 +46,9 @@ class ImageEntry:
         caption_path: the caption file used, if any.
         is_reg: a regularization image.
         num_repeats: times the image is seen per epoch (after reg balancing).
-        size: ``(w, h)`` when known without opening the file (``train_resolution``).
+        size: the image's ``(w, h)`` when known without opening the file (metadata ``image_size``).
         cond_path: the ControlNet conditioning image.
+        bucket: the bucket ``(w, h)`` fixed by the metadata (``train_resolution``), if any.
     """
 
     key: str
@@ -55,6 +59,7 @@ class ImageEntry:
     num_repeats: int = 1
     size: Reso | None = None
     cond_path: Path | None = None
+    bucket: Reso | None = None
 
 
 @dataclass
@@ -225,22 +230,72 @@ def _finetune_caption(md: dict, subset: SubsetParams) -> str:
     return caption or ""
 
 
+def _pair(value: object) -> Reso | None:
+    """``[w, h]`` of positive integers, else None."""
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v > 0 for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+def read_finetune_metadata(meta_path: Path) -> tuple[dict[str, dict], list[str]]:
+    """``{image_key: entry}`` from a metadata ``.json`` or ``.jsonl`` file, and what is wrong in it
+    (each problem names the file and the entry or line)."""
+    errors: list[str] = []
+    try:
+        text = meta_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        return {}, [f"metadata_file {meta_path} cannot be read as UTF-8 text: {e}"]
+    metadata: dict[str, dict] = {}
+    if meta_path.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                md = json.loads(line)
+            except json.JSONDecodeError as e:
+                errors.append(f"metadata_file {meta_path} line {n} is not valid UTF-8 JSON: {e}")
+                continue
+            if not isinstance(md, dict) or not isinstance(md.get("image_path"), str):
+                errors.append(f'metadata_file {meta_path} line {n} has no "image_path" (one JSON object per line: '
+                              '{"image_path": "...", "caption": "...", "image_size": [w, h]})')
+                continue
+            metadata[md["image_path"]] = {k: v for k, v in md.items() if k != "image_path"}
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            return {}, [f"metadata_file {meta_path} is not valid UTF-8 JSON: {e}"]
+        if not isinstance(data, dict):
+            return {}, [f"metadata_file {meta_path} must map each image key to an object "
+                        '({"img.png": {"caption": "...", "tags": "..."}})']
+        for key, md in data.items():
+            if not isinstance(md, dict):
+                errors.append(f"metadata_file {meta_path}: entry {key!r} is not an object "
+                              '({"caption": "...", "tags": "..."})')
+            else:
+                metadata[key] = md
+    for key, md in metadata.items():
+        for field in ("image_size", "train_resolution"):
+            if md.get(field) is not None and _pair(md[field]) is None:
+                errors.append(f"metadata_file {meta_path}: entry {key!r} has {field} {md[field]!r}; "
+                              "it must be [width, height] in pixels")
+        for field in ("caption", "tags"):
+            if md.get(field) is not None and not isinstance(md[field], str):
+                errors.append(f"metadata_file {meta_path}: entry {key!r} has a {field} that is not text")
+    return metadata, errors
+
+
 def scan_finetune(subset: SubsetParams) -> SubsetScan:
-    """A fine-tuning subset from its metadata JSON; images it names that are missing are errors."""
+    """A fine-tuning subset from its metadata JSON / JSONL; images it names that are missing are errors."""
     scan = SubsetScan(subset)
     meta_path = Path(subset.metadata_file or "")
     if not subset.metadata_file or not meta_path.is_file():
         scan.errors.append(f"metadata_file {subset.metadata_file} does not exist; create it with "
                            "tools/merge_captions_to_metadata.py or fix the path")
         return scan
-    try:
-        metadata = json.loads(meta_path.read_text(encoding="utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        scan.errors.append(f"metadata_file {meta_path} is not valid UTF-8 JSON: {e}")
-        return scan
-    if not isinstance(metadata, dict) or not all(isinstance(v, dict) for v in metadata.values()):
-        scan.errors.append(f"metadata_file {meta_path} must map each image key to an object "
-                           '({"img.png": {"caption": "...", "tags": "..."}})')
+    metadata, errors = read_finetune_metadata(meta_path)
+    scan.errors += errors
+    if errors:
         return scan
     if not metadata:
         scan.errors.append(f"metadata_file {meta_path} lists no images")
@@ -250,9 +305,8 @@ def scan_finetune(subset: SubsetParams) -> SubsetScan:
         if path is None:
             scan.missing_images.append(key)
             continue
-        size = md.get("train_resolution")
-        size = (int(size[0]), int(size[1])) if isinstance(size, (list, tuple)) and len(size) == 2 else None
-        scan.entries.append(ImageEntry(key, path, _finetune_caption(md, subset), None, False, subset.num_repeats, size))
+        scan.entries.append(ImageEntry(key, path, _finetune_caption(md, subset), None, False, subset.num_repeats,
+                                       _pair(md.get("image_size")), bucket=_pair(md.get("train_resolution"))))
     if scan.missing_images:
         scan.errors.append(f"{meta_path} names {len(scan.missing_images)} images that do not exist"
                            f"{' in ' + str(image_dir) if image_dir else ''}: " + _list(scan.missing_images))

@@ -3,7 +3,7 @@ whole model and training its text encoders."""
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, F, at_least, in_group
+from library.config.flags.base import DONE, F, at_least, in_group, unsupported
 from library.config.flags.scripts import FULL_TRAINERS
 
 FLAGS = in_group("full model", [
@@ -16,7 +16,11 @@ FLAGS = in_group("full model", [
       "Without --save_model_as: write safetensors (.safetensors file, or safetensors weights in "
       "a diffusers folder) instead of .ckpt / .bin.", scripts=FULL_TRAINERS),
     F("--learning_rate_te", float, None, DONE,
-      "Learning rate of the text encoder (default: --learning_rate).", scripts=("train_db",)),
+      "Learning rate of the text encoder (default: --learning_rate).", scripts=("train_db", "fine_tune")),
+    F("--train_text_encoder", bool, False, DONE, "Train the text encoder(s) too (default: only the UNet).",
+      scripts=("fine_tune",)),
+    F("--diffusers_xformers", bool, False, unsupported("use --xformers (the same kernels)"),
+      "Use xformers through diffusers.", scripts=("fine_tune",)),
     F("--stop_text_encoder_training", int, None, DONE,
       "Stop training the text encoder after N steps (it is frozen and leaves the optimizer); "
       "-1: never train it. Default: train it for the whole run.", check=at_least(-1), scripts=("train_db",)),
