@@ -21,7 +21,8 @@ _SAMPLES = {
     "max_bucket_reso": "2048",
 }
 # Implemented flags that a script rejects for a reason of its own (kohya asserts the same).
-_SCRIPT_REJECTS = {("sdxl_train_network", "v2"): "--v2 cannot be used with SDXL"}
+_SCRIPT_REJECTS = {("sdxl_train_network", "v2"): "--v2 cannot be used with SDXL",
+                   ("sdxl_train", "v2"): "--v2 cannot be used with SDXL"}
 # Companions that implemented flags need to be valid together (kohya's own constraints).
 _COMPANIONS = {
     "full_fp16": ["--mixed_precision", "fp16"], "full_bf16": ["--mixed_precision", "bf16"],
@@ -61,6 +62,8 @@ _FOLDED = {"caption_extention": ("caption_extension", "x"), "use_8bit_adam": ("o
 @pytest.mark.parametrize("script", COVERED_SCRIPTS)
 def test_every_kohya_flag_is_accepted_or_rejected_as_not_supported(script, tmp_path):
     companions = {**_COMPANIONS, "output_config": ["--output_dir", str(tmp_path)]}
+    if script == "sdxl_train":  # the text encoders are frozen unless --train_text_encoder
+        companions.update(cache_text_encoder_outputs=[], cache_text_encoder_outputs_to_disk=[])
     for entry in _kohya_entries(script):
         flag = _flag(script, entry["dest"])
         argv = _sample_argv(entry) + companions.get(entry["dest"], [])

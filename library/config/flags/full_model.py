@@ -3,7 +3,7 @@ whole model and training its text encoders."""
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, F, at_least, in_group, unsupported
+from library.config.flags.base import DONE, TODO, F, at_least, in_group, unsupported
 from library.config.flags.scripts import FULL_TRAINERS
 
 FLAGS = in_group("full model", [
@@ -18,9 +18,23 @@ FLAGS = in_group("full model", [
     F("--learning_rate_te", float, None, DONE,
       "Learning rate of the text encoder (default: --learning_rate).", scripts=("train_db", "fine_tune")),
     F("--train_text_encoder", bool, False, DONE, "Train the text encoder(s) too (default: only the UNet).",
-      scripts=("fine_tune",)),
+      scripts=("fine_tune", "sdxl_train")),
     F("--diffusers_xformers", bool, False, unsupported("use --xformers (the same kernels)"),
-      "Use xformers through diffusers.", scripts=("fine_tune",)),
+      "Use xformers through diffusers.", scripts=("fine_tune", "sdxl_train")),
+    F("--learning_rate_te1", float, None, DONE,
+      "SDXL: learning rate of text encoder 1 (CLIP ViT-L) with --train_text_encoder (default: "
+      "--learning_rate; 0: not trained).", scripts=("sdxl_train",)),
+    F("--learning_rate_te2", float, None, DONE,
+      "SDXL: learning rate of text encoder 2 (OpenCLIP ViT-bigG) with --train_text_encoder (default: "
+      "--learning_rate; 0: not trained).", scripts=("sdxl_train",)),
+    F("--block_lr", str, None, DONE,
+      "SDXL: 23 comma-separated learning rates for the UNet's blocks (time/label embedding, 9 input "
+      "blocks, 3 middle, 9 output, out); 0 leaves a block untrained.", scripts=("sdxl_train",)),
+    F("--fused_backward_pass", bool, False, TODO,
+      "Apply the optimizer step inside the backward pass, so no full set of gradients is held "
+      "(Adafactor; not with gradient accumulation).", scripts=("sdxl_train",)),
+    F("--fused_optimizer_groups", int, None, unsupported("deprecated in kohya; use --fused_backward_pass"),
+      "Split the optimizer into N groups stepped during the backward pass.", scripts=("sdxl_train",)),
     F("--stop_text_encoder_training", int, None, DONE,
       "Stop training the text encoder after N steps (it is frozen and leaves the optimizer); "
       "-1: never train it. Default: train it for the whole run.", check=at_least(-1), scripts=("train_db",)),

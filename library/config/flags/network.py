@@ -37,11 +37,12 @@ FLAGS = in_group("network", [
     F("--base_weights_multiplier", float, None, DONE,
       "Multiplier of each --base_weights file (default 1.0).", nargs="*"),
     F("--cache_text_encoder_outputs", bool, False, DONE,
-      "SDXL: compute the text-encoder outputs once before training (needs "
-      "--network_train_unet_only; disables caption shuffling and dropout).",
-      scripts=("sdxl_train_network",)),
+      "SDXL: compute the text-encoder outputs once before training (needs frozen text encoders: "
+      "--network_train_unet_only, or sdxl_train.py without --train_text_encoder; disables caption "
+      "shuffling and dropout).",
+      scripts=("sdxl_train_network", "sdxl_train")),
     F("--cache_text_encoder_outputs_to_disk", bool, False, DONE,
       "SDXL: like --cache_text_encoder_outputs, and keep the outputs in files for later runs.",
-      scripts=("sdxl_train_network",)),
+      scripts=("sdxl_train_network", "sdxl_train")),
 ])
 

@@ -69,7 +69,11 @@ def _caching(v: Values, script: str) -> list[str]:
         out.append("--cache_latents cannot be used with --color_aug or --random_crop (the cached "
                    "latents would never change); drop one of them")
     if v.get("cache_text_encoder_outputs"):
-        if not v.get("network_train_unet_only"):
+        if script == "sdxl_train":
+            if v.get("train_text_encoder"):
+                out.append("--cache_text_encoder_outputs cannot be used with --train_text_encoder (a text encoder "
+                           "cannot be trained from cached outputs)")
+        elif not v.get("network_train_unet_only"):
             out.append("--cache_text_encoder_outputs needs --network_train_unet_only (a text encoder "
                        "cannot be trained from cached outputs)")
         changing = [f"--{k}" for k in ("shuffle_caption", "caption_dropout_rate", "caption_tag_dropout_rate",

@@ -10,6 +10,6 @@ their statuses for that script first.
 from __future__ import annotations
 
 NETWORK_TRAINERS = ("train_network", "sdxl_train_network")
-FULL_TRAINERS = ("train_db", "fine_tune")  # full-model training (library/training/targets/full_trainer.py)
+FULL_TRAINERS = ("train_db", "fine_tune", "sdxl_train")  # full-model training (library/training/targets/full_trainer.py)
 SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train", "sdxl_train_textual_inversion")
 COVERED_SCRIPTS = NETWORK_TRAINERS + FULL_TRAINERS

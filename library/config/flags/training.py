@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from library.config.flags.base import DONE, F, at_least, in_group, non_negative, unsupported
+from library.config.flags.scripts import NETWORK_TRAINERS
 
 _DEEPSPEED = unsupported("DeepSpeed is not supported")
 
@@ -36,7 +37,8 @@ FLAGS = in_group("training", [
     F("--cpu_offload_checkpointing", bool, False, unsupported("kohya uses it only for SD3/Flux"),
       "Offload checkpointed activations to CPU memory."),
     F("--fused_backward_pass", bool, False, unsupported("kohya uses it only for full fine-tuning (sdxl_train)"),
-      "Apply the optimizer step inside the backward pass to save memory (AdaFactor only)."),
+      "Apply the optimizer step inside the backward pass to save memory (AdaFactor only).",
+      scripts=NETWORK_TRAINERS + ("train_db", "fine_tune")),
     F("--ddp_timeout", int, None, DONE,
       "Timeout for the multi-process group, in minutes.", check=at_least(1)),
     F("--ddp_gradient_as_bucket_view", bool, False, DONE,

@@ -1,0 +1,104 @@
+"""sdxl_train.py (SDXL full fine-tune) end to end on the tiny SDXL model: text encoders with their own
+learning rates, --block_lr, text-encoder output caching, diffusers reading the result, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tests.trainer_fixtures import assert_same_tensors, make_dataset
+
+pytestmark = pytest.mark.integration
+
+
+def run_sdxl_train(argv: list[str]) -> int:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    import sdxl_train
+
+    return sdxl_train.main(argv)
+
+
+def argv_for(model, data, out, *extra: str, steps: int = 2) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution", "64",
+            "--output_dir", str(out), "--output_name", "xl", "--max_train_steps", str(steps), "--learning_rate",
+            "1e-4", "--seed", "5", "--max_data_loader_n_workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("xl_data"))
+
+
+def _changed(a, b) -> bool:
+    return any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_trains_with_text_encoder_2_only_and_diffusers_reads_it(tiny_model_dir, data, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from library.models.loading import load_models
+
+    folder = tiny_model_dir("sdxl")
+    argv = argv_for(folder, data, tmp_path, "--train_text_encoder", "--learning_rate_te1", "0",
+                    "--learning_rate_te2", "5e-5", "--save_model_as", "safetensors")
+    assert run_sdxl_train(argv) == 0
+    final = tmp_path / "xl.safetensors"
+    pipe = StableDiffusionXLPipeline.from_single_file(str(final), config=str(folder), local_files_only=True)
+    ours, src = load_models(str(final), with_tokenizers=False), load_models(str(folder))
+    for theirs, mine in ((pipe.unet, ours.unet), (pipe.text_encoder, ours.text_encoders[0]),
+                         (pipe.text_encoder_2, ours.text_encoders[1])):
+        assert_same_tensors(theirs.state_dict(), mine.state_dict())
+    assert _changed(src.unet, ours.unet) and _changed(src.text_encoders[1], ours.text_encoders[1])
+    assert not _changed(src.text_encoders[0], ours.text_encoders[0])  # learning_rate_te1 0: not trained
+    with safe_open(str(final), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+
+
+def test_block_lr_and_cached_text_encoder_outputs_from_metadata(tiny_model_dir, tmp_path):
+    from library.models.loading import load_models
+    from tests.data_fixtures import copy_photo
+
+    images = tmp_path / "img"
+    md = {}
+    for n in ("astronaut", "coffee"):
+        p = copy_photo(n, images, max_side=96)
+        from PIL import Image
+
+        md[p.stem] = {"caption": f"a photo of {n}", "image_size": list(Image.open(p).size)}
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps(md), encoding="utf-8")
+    lrs = ["0"] + ["1e-4"] * 21 + ["0"]  # embeddings and the out block frozen
+    folder = tiny_model_dir("sdxl")
+    argv = argv_for(folder, images, tmp_path / "o", "--in_json", str(meta), "--block_lr", ",".join(lrs),
+                    "--cache_text_encoder_outputs", "--cache_latents")
+    assert run_sdxl_train(argv) == 0
+    ours, src = load_models(str(tmp_path / "o" / "xl"), with_tokenizers=False), load_models(str(folder))
+    assert not _changed(src.unet.time_embedding, ours.unet.time_embedding)
+    assert not _changed(src.unet.conv_out, ours.unet.conv_out)
+    assert _changed(src.unet.down_blocks, ours.unet.down_blocks)
+    assert not _changed(src.text_encoders[1], ours.text_encoders[1])
+
+
+@pytest.mark.parametrize("case", ["block_lr_count", "sd1_model", "cache_with_te", "fused"])
+def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model_dir, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    model = tiny_model_dir("sdxl")
+    extra, expect = [], ""
+    if case == "block_lr_count":
+        extra, expect = ["--block_lr", ",".join(["1e-4"] * 22)], "--block_lr needs 23 learning rates"
+    elif case == "sd1_model":
+        model, expect = tiny_model_dir("sd1"), "is an SD1.x model; use train_db.py or fine_tune.py"
+    elif case == "cache_with_te":
+        extra, expect = ["--cache_text_encoder_outputs", "--train_text_encoder"], "cannot be used with --train_text_encoder"
+    else:
+        extra, expect = ["--fused_backward_pass", "--optimizer_type", "Adafactor"], "--fused_backward_pass is not supported"
+    assert run_sdxl_train(argv_for(model, data, out, *extra)) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expect in errors[0], errors
+    assert not out.exists() or not any(out.iterdir())
