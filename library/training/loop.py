@@ -199,11 +199,12 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
             recorder.add(pos, loss_value)
             if not sync:
                 continue
-            if acc.num_processes > 1:
-                _all_reduce_grads(s.trainable_params)
-            if a.max_grad_norm:
-                acc.clip_grad_norm_(s.trainable_params, a.max_grad_norm)
-            s.optimizer.step()
+            if not target.steps_in_backward:  # --fused_backward_pass: done per parameter in the backward pass
+                if acc.num_processes > 1:
+                    _all_reduce_grads(s.trainable_params)
+                if a.max_grad_norm:
+                    acc.clip_grad_norm_(s.trainable_params, a.max_grad_norm)
+                s.optimizer.step()
             s.lr_scheduler.step()
             s.optimizer.zero_grad(set_to_none=True)
             logs = {"loss/current": loss_value, "loss/average": recorder.average}

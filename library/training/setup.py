@@ -217,7 +217,7 @@ def setup_session(t: Trainer) -> Session:
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
                 save_dtype=t.save_dtype(), trainable_params=params, target=target)
     s.metadata = target.session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
-    target.check_session(s)
+    target.session_ready(s)
     from library.training.memory import tune_allocator_for_training
 
     tune_allocator_for_training()  # steps reuse heap buffers instead of faulting in fresh mappings (issue 12)

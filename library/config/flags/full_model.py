@@ -3,7 +3,7 @@ whole model and training its text encoders."""
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, TODO, F, at_least, in_group, unsupported
+from library.config.flags.base import DONE, F, at_least, in_group, unsupported
 from library.config.flags.scripts import FULL_TRAINERS
 
 FLAGS = in_group("full model", [
@@ -30,7 +30,7 @@ FLAGS = in_group("full model", [
     F("--block_lr", str, None, DONE,
       "SDXL: 23 comma-separated learning rates for the UNet's blocks (time/label embedding, 9 input "
       "blocks, 3 middle, 9 output, out); 0 leaves a block untrained.", scripts=("sdxl_train",)),
-    F("--fused_backward_pass", bool, False, TODO,
+    F("--fused_backward_pass", bool, False, DONE,
       "Apply the optimizer step inside the backward pass, so no full set of gradients is held "
       "(Adafactor; not with gradient accumulation).", scripts=("sdxl_train",)),
     F("--fused_optimizer_groups", int, None, unsupported("deprecated in kohya; use --fused_backward_pass"),

@@ -31,11 +31,14 @@ class TrainingTarget(ABC):
         train_unet: the UNet (or adapters on it) is trained.
         train_text_encoder: text encoder(s) (or adapters on them) are trained now.
         module: the module whose train/eval mode sampling and validation toggle.
+        steps_in_backward: the optimizer steps each parameter during the backward pass
+            (``--fused_backward_pass``), so the loop neither reduces, clips nor steps.
     """
 
     train_unet: bool = True
     train_text_encoder: bool = False
     module: torch.nn.Module | None = None
+    steps_in_backward: bool = False  # the optimizer steps inside the backward pass (the loop does not)
 
     # ---------------------------------------------------------------- building
     @abstractmethod
@@ -54,8 +57,8 @@ class TrainingTarget(ABC):
         """Every parameter the optimizer steps (gradient clipping and the multi-process all-reduce)."""
         return [p for g in self.param_groups() for p in (g["params"] if isinstance(g, dict) else [g])]
 
-    def check_session(self, s: Any) -> None:
-        """Hook: the session is complete (optimizer, step counts); warn about or refuse settings."""
+    def session_ready(self, s: Any) -> None:
+        """Hook: the session is complete (optimizer, step counts): warn, refuse, attach optimizer hooks."""
 
     # ---------------------------------------------------------------- per step
     def on_epoch_start(self, s: Any) -> None:

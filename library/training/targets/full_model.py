@@ -96,11 +96,17 @@ class FullModelTarget(TrainingTarget):
     def param_groups(self) -> list[dict[str, Any]]:
         return self._groups
 
-    def check_session(self, s: Any) -> None:
+    def session_ready(self, s: Any) -> None:
         stop = self.stop_te_step
         if self.train_text_encoder and stop is not None and stop >= s.max_train_steps:
             logger.warning("--stop_text_encoder_training %d is not before the end of training (%d steps): the text "
                            "encoder is trained for the whole run", stop, s.max_train_steps)
+        if getattr(self.args, "fused_backward_pass", False):
+            from library.training.targets import fused_backward
+
+            fused_backward.attach(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes)
+            self.steps_in_backward = True
+            logger.info("--fused_backward_pass: each parameter is stepped during the backward pass")
 
     # ---------------------------------------------------------------- per step
     def after_optimizer_step(self, s: Any, global_step: int) -> tuple[dict[str, float], dict[str, str]]:
