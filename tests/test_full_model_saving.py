@@ -52,3 +52,17 @@ def test_kohya_format_rules(tmp_path):
         check_output_path(f, SaveFormat(False, True))
     with pytest.raises(ModelSaveError, match="is a folder"):
         check_output_path(tmp_path, SaveFormat(True, True))
+
+
+def test_memory_plan_counts_weights_gradients_and_state():
+    from library.training.targets.memory_plan import describe, memory_plan
+
+    trained = [torch.nn.Parameter(torch.zeros(1024, 256))]  # 1 MiB float32
+    frozen = [torch.zeros(512, 512, dtype=torch.float16)]  # 0.5 MiB
+    plan = memory_plan(trained, frozen, "AdamW", fused=False, ema=True)
+    mib = 2**20
+    assert plan["weights"] == {"trained float32": mib, "frozen float16": mib // 2}
+    assert plan["gradients"] == mib and plan["optimizer"] == 2 * mib and plan["ema"] == mib
+    assert plan["total"] == mib * 5.5
+    assert memory_plan(trained, frozen, "Adafactor", fused=True, ema=False)["gradients"] == 0
+    assert "0.3 M trained parameters" in describe(plan)

@@ -194,3 +194,29 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model_dir, data, tm
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and expect in errors[0], errors
     assert [p.name for p in _files(out)] == (["db"] if case == "diffusers_to_file" else [])
+
+
+def test_ema_is_saved_sampled_and_resumed(tiny_model_dir, data, tmp_path, capsys):
+    """--ema 0.5: the saved UNet is the average of the initial and the trained weights; states hold both."""
+    from library.models.loading import load_models
+
+    train, _ = data
+    model = tiny_model_dir("sd1")
+    common = ("--ema", "--ema_decay", "0.5", "--stop_text_encoder_training", "-1", "--save_model_as", "diffusers")
+    out = tmp_path / "ema"
+    assert run_db(db_argv(model, train, out, *common, "--save_every_n_steps", "1", "--save_state", steps=2)) == 0
+    assert "memory before activations" in capsys.readouterr().err  # the figure printed before training
+    init = load_models(str(model)).unet.state_dict()
+    raw = [torch.load(out / f"db-step0000000{i}-state" / "network.pt") for i in (1, 2)]
+    ema = {k: v for k, v in init.items()}
+    for st in raw:
+        ema = {k: 0.5 * ema[k] + 0.5 * st[f"unet.{k}"] for k in ema}
+    saved = load_models(str(out / "db")).unet.state_dict()
+    for k in saved:
+        assert torch.allclose(saved[k], ema[k], atol=1e-6), k
+    assert any(not torch.equal(saved[k], raw[1][f"unet.{k}"]) for k in saved)  # not the raw weights
+    resumed = tmp_path / "resumed"
+    assert run_db(db_argv(model, train, resumed, *common, "--resume", str(out / "db-step00000001-state"),
+                          steps=2)) == 0
+    again = load_models(str(resumed / "db")).unet.state_dict()
+    assert_same_tensors(saved, again)

@@ -3,7 +3,7 @@ whole model and training its text encoders."""
 
 from __future__ import annotations
 
-from library.config.flags.base import DONE, F, at_least, in_group, unsupported
+from library.config.flags.base import DONE, F, at_least, between, in_group, unsupported
 from library.config.flags.scripts import FULL_TRAINERS
 
 FLAGS = in_group("full model", [
@@ -12,6 +12,12 @@ FLAGS = in_group("full model", [
       "A1111, ComfyUI and diffusers' from_single_file load), diffusers or diffusers_safetensors "
       "(a diffusers folder). Default: the layout of the source model.",
       choices=[None, "ckpt", "safetensors", "diffusers", "diffusers_safetensors"], scripts=FULL_TRAINERS),
+    F("--ema", bool, False, DONE,
+      "sdtk only: keep an exponential moving average of the trained weights (float32, one more copy); "
+      "saves and samples use it, states resume it.", scripts=FULL_TRAINERS),
+    F("--ema_decay", float, 0.9999, DONE,
+      "sdtk only: decay of --ema per optimizer step (the average spans about 1 / (1 - decay) steps).",
+      check=between(0, 1, hi_open=True), scripts=FULL_TRAINERS),
     F("--use_safetensors", bool, False, DONE,
       "Without --save_model_as: write safetensors (.safetensors file, or safetensors weights in "
       "a diffusers folder) instead of .ckpt / .bin.", scripts=FULL_TRAINERS),

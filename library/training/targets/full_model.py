@@ -62,6 +62,8 @@ class FullModelTarget(TrainingTarget):
         self._te_group_ids: list[int] = []
         self._model: Any = None
         self._trained: dict[str, torch.nn.Module] = {}
+        self.ema: Any = None  # .ema.EmaWeights with --ema
+        self.memory: dict[str, Any] = {}  # the figure printed before training (.memory_plan)
 
     def train_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the trained weights: half only with ``--full_fp16`` / ``--full_bf16``."""
@@ -92,6 +94,11 @@ class FullModelTarget(TrainingTarget):
             self._groups.append({"params": list(te.parameters()),
                                  "lr": plan.lr if plan.lr is not None else a.learning_rate})
         self.module = torch.nn.ModuleList(list(self._trained.values()))
+        if getattr(a, "ema", False):
+            from library.training.targets.ema import EmaWeights
+
+            self.ema = EmaWeights({f"{name}.{k}": p for name, m in self._trained.items()
+                                   for k, p in m.named_parameters() if p.requires_grad}, a.ema_decay)
 
     def param_groups(self) -> list[dict[str, Any]]:
         return self._groups
@@ -101,6 +108,15 @@ class FullModelTarget(TrainingTarget):
         if self.train_text_encoder and stop is not None and stop >= s.max_train_steps:
             logger.warning("--stop_text_encoder_training %d is not before the end of training (%d steps): the text "
                            "encoder is trained for the whole run", stop, s.max_train_steps)
+        from library.training.targets.memory_plan import describe, memory_plan
+
+        m = s.model
+        frozen = [t for mod in [m.unet, *m.text_encoders] for t in mod.parameters()]
+        if next(m.vae.parameters()).device == s.accelerator.device:
+            frozen += list(m.vae.parameters())
+        self.memory = memory_plan(self.trainable_params(), frozen, self.args.optimizer_type,
+                                  bool(getattr(self.args, "fused_backward_pass", False)), self.ema is not None)
+        logger.info(describe(self.memory))
         if getattr(self.args, "fused_backward_pass", False):
             from library.training.targets import fused_backward
 
@@ -113,6 +129,8 @@ class FullModelTarget(TrainingTarget):
         if self.train_text_encoder and self.stop_te_step is not None and global_step >= self.stop_te_step:
             logger.info("stopping text encoder training at step %d (--stop_text_encoder_training)", global_step)
             self.stop_text_encoders(s)
+        if self.ema is not None:
+            self.ema.update()
         return {}, {}
 
     def stop_text_encoders(self, s: Any) -> None:
@@ -137,9 +155,18 @@ class FullModelTarget(TrainingTarget):
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"{name}.{k}": v for name, m in self._trained.items() for k, v in m.state_dict().items()}
+        sd = {f"{name}.{k}": v for name, m in self._trained.items() for k, v in m.state_dict().items()}
+        if self.ema is not None:
+            sd.update({f"ema:{k}": v for k, v in self.ema.state_dict().items()})
+        return sd
 
     def load_state_dict(self, sd: dict[str, torch.Tensor], where: str) -> None:
+        if self.ema is not None:
+            missing = self.ema.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("ema:")})
+            if missing:
+                raise TrainingError(f"--resume {where}: the state has no EMA weights for {len(missing)} tensors "
+                                    "(was it saved without --ema?)")
+        sd = {k: v for k, v in sd.items() if not k.startswith("ema:")}
         for name, m in self._trained.items():
             part = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
             missing, unexpected = m.load_state_dict(part, strict=False)
@@ -154,6 +181,7 @@ class FullModelTarget(TrainingTarget):
     def signature(self, s: Any) -> dict[str, Any]:
         return {"target": "full_model", "trained": sorted(self._trained),
                 "stop_text_encoder_training": self.stop_te_step,
+                "ema_decay": self.ema.decay if self.ema is not None else None,
                 "trained_keys": sum(len(m.state_dict()) for m in self._trained.values())}
 
     # ---------------------------------------------------------------- outputs
@@ -164,5 +192,11 @@ class FullModelTarget(TrainingTarget):
         from library.training.optimizers import eval_mode
 
         md = full_model_metadata(s, s.model.family)
-        with eval_mode(s.optimizer):  # schedule-free: save the evaluation weights
+        with eval_mode(s.optimizer), self.weights_for_output():  # schedule-free: the evaluation weights
             save_full_model(s.model, path, self.save_format, s.save_dtype, md, epoch, steps)
+
+    def weights_for_output(self) -> Any:
+        """The weights saves and samples use: the EMA ones with ``--ema``."""
+        import contextlib
+
+        return self.ema.applied() if self.ema is not None else contextlib.nullcontext()

@@ -94,6 +94,11 @@ class FullModelTrainer(Trainer):
     def output_label(self) -> str:
         return "model"
 
+    def sample_images(self, s: Any, steps: int, epoch: int | None) -> None:
+        """Samples show the weights that are saved (the EMA ones with ``--ema``)."""
+        with s.target.weights_for_output():
+            super().sample_images(s, steps, epoch)
+
     # ------------------------------------------------------------------ checks before loading
     def preflight(self) -> None:
         """The model's family (named script for another family) and the final output path's kind."""
