@@ -157,12 +157,16 @@ def test_sd2_v_prediction_ckpt(tiny_model_dir, data, tmp_path):
     assert back.v_parameterization and back.family.value == "sd2"
 
 
-def test_stop_text_encoder_training_past_the_end_warns(tiny_model_dir, data, tmp_path, capsys):
+def test_stop_text_encoder_training_past_the_end_warns_and_samples(tiny_model_dir, data, tmp_path, capsys):
     train, _ = data
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of sks astronaut --w 64 --h 64 --s 2 --d 42\n", encoding="utf-8")
     assert run_db(db_argv(tiny_model_dir("sd1"), train, tmp_path, "--stop_text_encoder_training", "50",
-                          "--save_model_as", "safetensors", steps=1)) == 0
+                          "--save_model_as", "safetensors", "--sample_prompts", str(prompts),
+                          "--sample_every_n_steps", "1", "--ema", steps=1)) == 0
     err = capsys.readouterr().err
     assert "WARNING" in err and "--stop_text_encoder_training 50 is not before the end of training" in err
+    assert len(list((tmp_path / "sample").glob("*.png"))) == 1  # sampled from the trained (EMA) model
 
 
 def _files(folder) -> list:
