@@ -155,6 +155,20 @@ def test_sd2_v_prediction_ckpt(tiny_model_dir, data, tmp_path):
     back = load_models(str(tmp_path / "db.ckpt"), v2=True, v_parameterization=True, allow_pickle=True,
                        tokenizer_cache_dir=str(model.parent / f"{model.stem}_tokenizers"))
     assert back.v_parameterization and back.family.value == "sd2"
+    # the same as a safetensors file: diffusers' single-file loader reads it as sdtk does, modelspec says 768-v
+    from diffusers import StableDiffusionPipeline
+
+    argv[argv.index("ckpt")] = "safetensors"
+    assert run_db(argv) == 0
+    single = tmp_path / "db.safetensors"
+    pipe = StableDiffusionPipeline.from_single_file(str(single), config=str(tiny_model_dir("sd2")),
+                                                    local_files_only=True)
+    ours = load_models(str(single), v2=True, with_tokenizers=False)
+    assert_same_tensors(pipe.unet.state_dict(), ours.unet.state_dict())
+    assert_same_tensors(pipe.text_encoder.state_dict(), ours.text_encoders[0].state_dict())
+    with safe_open(str(single), "pt") as f:
+        md = f.metadata()
+    assert md["modelspec.architecture"] == "stable-diffusion-v2-768-v" and md["modelspec.prediction_type"] == "v"
 
 
 def test_stop_text_encoder_training_past_the_end_warns_and_samples(tiny_model_dir, data, tmp_path, capsys):
