@@ -127,3 +127,18 @@ def test_bad_metadata_is_one_line_and_writes_nothing(case, tiny_model_dir, image
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and all(e in errors[0] for e in expect), errors
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_full_bf16_with_gradient_checkpointing(tiny_model_dir, images, tmp_path):
+    """The trained weights stay bf16 with --full_bf16 (saved as trained), checkpointing included."""
+    from safetensors.torch import load_file
+
+    folder, sizes = images
+    argv = ft_argv(tiny_model_dir("sd1"), folder, write_json(folder, sizes), tmp_path, "--train_text_encoder",
+                   "--mixed_precision", "bf16", "--full_bf16", "--gradient_checkpointing", "--max_train_steps", "2",
+                   "--save_model_as", "safetensors")
+    assert run_ft(argv) == 0
+    sd = load_file(tmp_path / "ft.safetensors")
+    assert sd["model.diffusion_model.input_blocks.0.0.weight"].dtype == torch.bfloat16
+    assert sd["cond_stage_model.transformer.text_model.final_layer_norm.weight"].dtype == torch.bfloat16
+    assert all(torch.isfinite(v.float()).all() for v in sd.values() if v.is_floating_point())
