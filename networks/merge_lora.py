@@ -112,6 +112,19 @@ def merge_into_model(model, files: Sequence[common.LoRAFile], ratios: Sequence[f
     return done
 
 
+def cast_in_place(model, dtype: torch.dtype | None) -> None:
+    """Convert the model's components to ``dtype`` one tensor at a time, each float32 tensor freed as it goes.
+
+    Saving casts too, but as a whole copy of the state dict next to the model: for SDXL merged in
+    float32 and saved in fp16 that is 7 GB more on top of 14 GB (the merge was killed on 24 GB machines).
+    """
+    if dtype is None:
+        return
+    for m in [model.unet, model.vae, *model.text_encoders]:
+        if m is not None:
+            torch.nn.Module.to(m, dtype=dtype)
+
+
 def base_family(path: str) -> Family:
     """Family of a base model without loading it (keys of a single file, or a diffusers folder's configs)."""
     import json
@@ -148,10 +161,14 @@ def merge_to_checkpoint(args: argparse.Namespace, files: list[common.LoRAFile], 
         raise ConfigError(f"--save_to {out}: a merged model must end in .safetensors or .ckpt (or be a folder for diffusers)")
     merge_dtype = common.dtype_of(args.precision)
     save_dtype = common.dtype_of(args.save_precision) or merge_dtype
+    from library.training.memory import tune_allocator
+
+    tune_allocator()  # large tensors freed while merging and casting go back to the system at once
     model = load_models(args.sd_model, v2=getattr(args, "v2", False), dtype=merge_dtype, allow_pickle=True,
                         with_tokenizers=folder_out)
     n = merge_into_model(model, files, args.ratios, merge_dtype, lbws)
     logger.info("%d module weights updated", n)
+    cast_in_place(model, save_dtype)
     metadata = None
     if not args.no_metadata:
         metadata = build_modelspec(model.family, v_parameterization=model.v_parameterization, lora=False,
