@@ -1,9 +1,15 @@
 """Build a tiny random-weight SD1 / SD2 / SDXL model (real module names, tiny widths) for tests and demos.
 
     python tools/make_tiny_model.py --family sdxl --format single_file --out tiny_sdxl.safetensors
+    python tools/make_tiny_model.py --family sdxl --full_size --out sdxl_random.safetensors
 
 A single file gets its tokenizer(s) in a kohya-style tokenizer cache folder next to it
 (``<out stem>_tokenizers/``; pass it with ``--tokenizer_cache_dir``). A diffusers folder holds them itself.
+
+``--full_size`` builds the real architecture instead (SD1.5, SD2.x, SDXL base, with the real 49,408-token
+text encoders; see library/models/random_full.py) as a single file the way one is downloaded: fp16 (or
+``--precision``), no tokenizer folder (sdtk finds its bundled CLIP tokenizers itself). SDXL needs about
+7.6 GB of memory and 7 GB of disk, and takes about a minute on two CPU cores.
 """
 
 from __future__ import annotations
@@ -25,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (diffusers) or .safetensors file (single_file)")
     p.add_argument("--seed", type=int, default=0, help="weights are deterministic for a seed")
     p.add_argument("--v_parameterization", action="store_true", help="mark the model as v-prediction")
+    p.add_argument("--full_size", action="store_true",
+                   help="the real full-size architecture with random weights, always a .safetensors single file "
+                        "(--format is not used)")
+    p.add_argument("--precision", choices=["fp16", "bf16", "float"], default="fp16",
+                   help="weight precision of a --full_size file")
     return p
 
 
@@ -52,6 +63,8 @@ def tokenizer_dir_for(single_file: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.full_size:
+        return _main_full_size(args)
     try:
         out = make_tiny_model(Family(args.family), args.format, args.out, args.seed, args.v_parameterization)
     except SdtkError as e:
@@ -60,6 +73,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote tiny {args.family} model to {out}")
     if args.format == "single_file":
         print(f"tokenizers: {tokenizer_dir_for(out)} (pass with --tokenizer_cache_dir)")
+    return 0
+
+
+def _main_full_size(args: argparse.Namespace) -> int:
+    import logging
+
+    from library.models.random_full import write_random_full_checkpoint
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        print(f"error: --full_size writes a single .safetensors file; got --out {out}", file=sys.stderr)
+        return 1
+    try:
+        write_random_full_checkpoint(Family(args.family), out, args.v_parameterization, args.precision, args.seed)
+    except SdtkError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote random full-size {args.family} model to {out}")
     return 0
 
 
