@@ -105,6 +105,7 @@ def run(args) -> list[Path]:
     from library.inference.networks import attach_networks, network_specs
     from library.inference.prompts import PromptOptions, parse_prompt, plan_images, read_prompt_file
     from library.inference.textual_inversion import load_embeddings, read_embeddings
+    from library.inference.xti import load_xti_embeddings, read_xti_embeddings
     from library.models.families import Family
     from library.models.loading import load_models
 
@@ -118,6 +119,8 @@ def run(args) -> list[Path]:
         parse_prompt(line, PromptOptions(prompt=""), where(i))
     sources = init_images(args.image_path)
     embeddings = read_embeddings(args.textual_inversion_embeddings, allow_pickle=args.allow_pickle)
+    xti_files = read_xti_embeddings(args.XTI_embeddings, allow_pickle=args.allow_pickle,
+                                    other_words={e.token: e.path for e in embeddings})
     dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -125,6 +128,7 @@ def run(args) -> list[Path]:
                         tokenizer_cache_dir=args.tokenizer_cache_dir, allow_pickle=args.allow_pickle, dtype=dtype)
     check_family(args, model)
     words = load_embeddings(model, embeddings)  # into model.tokenizers / text_encoders, before the move
+    xti = load_xti_embeddings(model, xti_files)
     sdxl = model.family is Family.SDXL
     defaults = PromptOptions(prompt="", width=(args.W or (1024 if sdxl else 512)) // 8 * 8,
                              height=(args.H or (1024 if sdxl else 512)) // 8 * 8, steps=args.steps, scale=args.scale,
@@ -149,6 +153,10 @@ def run(args) -> list[Path]:
     if args.opt_channels_last:
         model.unet.to(memory_format=torch.channels_last)
     set_attention(args, model)
+    if xti:  # each cross-attention layer takes its own text states (library/models/xti.py)
+        from library.models.xti import enable_per_block_conditioning
+
+        enable_per_block_conditioning(model.unet)
     merge_n = len(specs) if args.network_merge else (args.network_merge_n_models or 0)
     networks, muls = attach_networks(specs, model, merge_count=merge_n, dtype=dtype, device=device,
                                show_meta=args.network_show_meta)
@@ -158,11 +166,13 @@ def run(args) -> list[Path]:
         sequential_file_name=args.sequential_file_name, use_original_file_name=args.use_original_file_name,
         steps_offset_zero=args.force_scheduler_zero_steps_offset, highres=highres,
         convert_prompt=words.convert_prompt if words else None,
+        layer_convert_prompts=xti.converters(words.convert_prompt if words else None) if xti else None,
         record={"model": Path(args.ckpt).name, "family": model.family.value,
                 "dtype": str(dtype).replace("torch.", ""), "vae": args.vae and Path(args.vae).name,
                 "networks": [{"file": Path(s.weights).name, "module": s.module, "multiplier": s.multiplier,
                               "merged": i < merge_n} for i, s in enumerate(specs)],
-                **({"embeddings": [Path(e.path).name for e in embeddings]} if embeddings else {})})
+                **({"embeddings": [Path(e.path).name for e in embeddings]} if embeddings else {}),
+                **({"xti_embeddings": [Path(f.path).name for f in xti_files]} if xti_files else {})})
     return run_job(model, tasks, settings, networks, muls)
 
 

@@ -31,6 +31,7 @@ from library.inference.networks import set_multipliers
 from library.inference.prompt_weighting import encode_prompts
 from library.inference.prompts import ImageTask, PromptOptions, batches
 from library.models.families import Family
+from library.models.xti import XTI_KWARG, XTI_LAYERS, per_block_kwargs
 from library.training.family import Conditioning
 from library.training.sampling import make_scheduler
 from library.utils.atomic import atomic_write
@@ -55,6 +56,9 @@ class JobSettings:
     highres: HighresFix | None = None  # kohya's highres fix (two stages per image)
     # (text, tokenizer) -> text before tokenizing: textual inversion words -> their tokens
     convert_prompt: Callable[[str, Any], str] | None = None
+    # XTI (library/inference/xti.py): one converter per cross-attention layer (XTI_LAYERS order), used
+    # instead of convert_prompt; the UNet must be hooked (library.models.xti.enable_per_block_conditioning)
+    layer_convert_prompts: list[Callable[[str, Any], str]] | None = None
 
 
 def pipeline_for(model: Any, img2img: bool) -> Any:
@@ -79,11 +83,12 @@ def pipeline_for(model: Any, img2img: bool) -> Any:
 
 @contextlib.contextmanager
 def negative_scale_hook(unet: torch.nn.Module, real_uncond: Conditioning, scale: float,
-                        negative_scale: float) -> Iterator[None]:
+                        negative_scale: float, real_uncond_layers: torch.Tensor | None = None) -> Iterator[None]:
     """Run the UNet also on the empty prompt and fold kohya's negative scale in (see module doc).
 
     Args:
         real_uncond: the empty prompt's embeddings, ``hidden_states`` ``[B, L, D]`` (+ ``pooled``).
+        real_uncond_layers: XTI: its per-layer states ``[16, B, L, D]``, appended to the per-layer batch.
     """
 
     def pre(module, args, kwargs):
@@ -96,6 +101,11 @@ def negative_scale_hook(unet: torch.nn.Module, real_uncond: Conditioning, scale:
             kw["timestep"] = torch.cat([t, t[:b]])
         ehs = kw["encoder_hidden_states"]
         kw["encoder_hidden_states"] = torch.cat([ehs, real_uncond.hidden_states.to(ehs.device, ehs.dtype)])
+        extra = kw.get("cross_attention_kwargs")
+        if real_uncond_layers is not None and extra and XTI_KWARG in extra:
+            layers = extra[XTI_KWARG]
+            kw["cross_attention_kwargs"] = {**extra, XTI_KWARG: torch.cat(
+                [layers, real_uncond_layers.to(layers.device, layers.dtype)], dim=1)}
         added = kw.get("added_cond_kwargs")
         if added:
             pooled = real_uncond.pooled.to(added["text_embeds"].device, added["text_embeds"].dtype)
@@ -169,16 +179,29 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
     b = len(batch)
     texts = [t.options.prompt for t in batch] + [t.options.negative_prompt for t in batch]
     texts += [""] * b if negative_scale is not None else []
-    enc = encode_prompts(model.family, model.text_encoders, model.tokenizers, texts,
-                         max_embeddings_multiples=settings.max_embeddings_multiples, clip_skip=settings.clip_skip,
-                         emb_normalize_mode=settings.emb_normalize_mode, convert_prompt=settings.convert_prompt)
+
+    def encode(convert: Callable[[str, Any], str] | None) -> Conditioning:
+        return encode_prompts(model.family, model.text_encoders, model.tokenizers, texts,
+                              max_embeddings_multiples=settings.max_embeddings_multiples, clip_skip=settings.clip_skip,
+                              emb_normalize_mode=settings.emb_normalize_mode, convert_prompt=convert)
+
+    layers = None  # XTI: [16, texts, L, D]
+    if settings.layer_convert_prompts:  # XTI: each layer's own encoding (one by one, as a plain prompt)
+        per_layer = [encode(c).hidden_states for c in settings.layer_convert_prompts]
+        layers, enc = torch.stack(per_layer), Conditioning(per_layer[XTI_LAYERS.index("MID")])
+    else:
+        enc = encode(settings.convert_prompt)
     dtype = model.unet.dtype
     part = lambda t, i: None if t is None else t[i * b:(i + 1) * b].to(dtype)  # noqa: E731
+    layer_part = lambda i: layers[:, i * b:(i + 1) * b].to(dtype)  # noqa: E731
     kw: dict[str, Any] = dict(prompt_embeds=part(enc.hidden_states, 0), num_inference_steps=o.steps,
                               guidance_scale=o.scale, output_type="pil",
                               generator=[torch.Generator("cpu").manual_seed(t.seed + seed_offset) for t in batch])
     if guided:
         kw["negative_prompt_embeds"] = part(enc.hidden_states, 1)
+    if layers is not None:  # the pipeline batches [negative, prompt] with guidance
+        kw["cross_attention_kwargs"] = per_block_kwargs(
+            torch.cat([layer_part(1), layer_part(0)], dim=1) if guided else layer_part(0))
     if model.family is Family.SDXL:
         kw["pooled_prompt_embeds"] = part(enc.pooled, 0)
         if guided:
@@ -198,7 +221,8 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
     hook = contextlib.nullcontext()
     if negative_scale is not None:
         real = Conditioning(part(enc.hidden_states, 2), part(enc.pooled, 2))
-        hook = negative_scale_hook(model.unet, real, o.scale, negative_scale)
+        hook = negative_scale_hook(model.unet, real, o.scale, negative_scale,
+                                   layer_part(2) if layers is not None else None)
     with hook:
         return pipe(**kw).images
 

@@ -127,6 +127,10 @@ FLAGS = in_group("gen_img", [
     _g("--textual_inversion_embeddings", str, None, DONE,
        "Textual inversion embedding files (.safetensors; .pt/.bin with --allow_pickle); each file's name "
        "(without extension) is the word to use in prompts, standing for all its vectors.", nargs="*"),
+    _g("--XTI_embeddings", str, None, DONE,
+       "Extended Textual Inversion files (kohya's layout: one [vectors, width] tensor per cross-attention layer "
+       "IN01 ... OUT11; SD 1.x only); each file's name (without extension) is the word to use in prompts, and "
+       "every UNet cross-attention layer gets that layer's vectors.", nargs="*"),
     _g("--network_regional_mask_max_color_codes", int, None,
        unsupported("regional prompting (AND) is not supported"), "Regional LoRA masks."),
 ])
