@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from library.config.flags.base import DONE, F, at_least, in_group, unsupported
-from library.config.flags.scripts import FULL_TRAINERS, NETWORK_TRAINERS
+from library.config.flags.scripts import EMBEDDING_TRAINERS, FULL_TRAINERS, NETWORK_TRAINERS
 
 FLAGS = in_group("model", [
     F("--pretrained_model_name_or_path", str, None, DONE,
@@ -19,7 +19,7 @@ FLAGS = in_group("model", [
     F("--allow_pickle", bool, False, DONE,
       "sdtk only: allow loading pickle-based .ckpt/.pt files, which can run arbitrary code; "
       "without it only safetensors and diffusers folders are loaded.",
-      scripts=NETWORK_TRAINERS + FULL_TRAINERS),
+      scripts=NETWORK_TRAINERS + FULL_TRAINERS + EMBEDDING_TRAINERS),
     F("--clip_skip", int, None, DONE,
       "Use the output of the N-th text-encoder layer from the end (2 = penultimate, as many "
       "anime models were trained).", check=at_least(1)),

@@ -11,5 +11,7 @@ from __future__ import annotations
 
 NETWORK_TRAINERS = ("train_network", "sdxl_train_network")
 FULL_TRAINERS = ("train_db", "fine_tune", "sdxl_train")  # full-model training (library/training/targets/full_trainer.py)
+# textual inversion (library/training/targets/embedding_trainer.py)
+EMBEDDING_TRAINERS = ("train_textual_inversion", "sdxl_train_textual_inversion")
 SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train", "sdxl_train_textual_inversion")
-COVERED_SCRIPTS = NETWORK_TRAINERS + FULL_TRAINERS
+COVERED_SCRIPTS = NETWORK_TRAINERS + FULL_TRAINERS + EMBEDDING_TRAINERS
