@@ -269,7 +269,8 @@ def test_help_lists_every_flag(script):
 def test_other_kohya_scripts_know_all_their_flags():
     for script in ("gen_img", "networks.merge_lora"):
         dests = {f.dest for f in A.flags_for(script)}
-        own = {"allow_pickle"} if script == "gen_img" else set()  # sdtk-only safety switch
+        # sdtk-only safety switch; --XTI_embeddings is kohya's, from gen_img_diffusers.py (not in gen_img.py)
+        own = {"allow_pickle", "XTI_embeddings"} if script == "gen_img" else set()
         assert dests == {e["dest"] for e in A.kohya_flags()[script]} | own
     with pytest.raises(ConfigError, match="--pyramid_noise_prob is not supported by sdtk: not implemented yet"):
         A.parse_args("gen_img", ["--pyramid_noise_prob", "0.5"])
