@@ -42,9 +42,24 @@ def _sdxl(model_dir, out):
     return sdxl_train.SdxlTrainer(args)
 
 
-@pytest.mark.parametrize("kind,family", [("network", "sd1"), ("dreambooth", "sd1"), ("sdxl", "sdxl")])
+def _embeddings(model_dir, out):
+    import sdxl_train_textual_inversion
+    import train_textual_inversion
+
+    from library.config.args import parse_args
+
+    sdxl = "sdxl" in str(model_dir)
+    script = sdxl_train_textual_inversion if sdxl else train_textual_inversion
+    args = parse_args(script.SCRIPT, ["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out),
+                                      "--token_string", "zq", "--num_vectors_per_token", "2"])
+    return (script.SdxlTextualInversionTrainer if sdxl else script.TextualInversionTrainer)(args)
+
+
+@pytest.mark.parametrize("kind,family", [("network", "sd1"), ("dreambooth", "sd1"), ("sdxl", "sdxl"),
+                                         ("embeddings", "sd1"), ("embeddings", "sdxl")])
 def test_target_contract(kind, family, tiny_model_dir, tmp_path):
-    trainer = {"network": _network, "dreambooth": _dreambooth, "sdxl": _sdxl}[kind](tiny_model_dir(family), tmp_path)
+    trainer = {"network": _network, "dreambooth": _dreambooth, "sdxl": _sdxl,
+               "embeddings": _embeddings}[kind](tiny_model_dir(family), tmp_path)
     target = trainer.make_target()
     model = trainer.load_model()
     target.build(trainer, model, SimpleNamespace(device=torch.device("cpu")), torch.float32)
@@ -53,7 +68,7 @@ def test_target_contract(kind, family, tiny_model_dir, tmp_path):
     params = target.trainable_params()
     assert groups and params and all(p.requires_grad for p in params)
     assert len({id(p) for p in params}) == len(params)  # no parameter in two groups
-    assert target.module is not None and target.train_unet
+    assert target.module is not None and target.train_unet == (kind != "embeddings")
     # state round trip: a changed copy loaded back restores exactly the saved values
     saved = {k: v.detach().clone() for k, v in target.state_dict().items()}
     with torch.no_grad():
@@ -67,6 +82,11 @@ def test_target_contract(kind, family, tiny_model_dir, tmp_path):
     suffix = target.output_suffix()
     if kind == "network":
         assert suffix == ".safetensors" and target.train_text_encoder
+    elif kind == "embeddings":  # only the new rows, one [2, D] matrix per text encoder, nothing of the UNet
+        assert suffix == ".safetensors" and target.train_text_encoder and len(groups) == 1
+        assert [tuple(p.shape) for p in params] == [(2, te.config.hidden_size) for te in model.text_encoders]
+        assert not any(p.requires_grad for m in (model.unet, *model.text_encoders) for p in m.parameters()
+                       if all(p is not q for q in params))
     elif kind == "dreambooth":
         assert suffix == "" and target.train_text_encoder and target.stop_te_step == 3
         assert [g["lr"] for g in groups] == [trainer.args.learning_rate, 1e-5]
