@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from library.config import args as A
-from library.config.flags import COVERED_SCRIPTS
+from library.config.flags import COVERED_SCRIPTS, FULL_TRAINERS
 from library.config.flags.base import INT_OR_FLOAT
 from library.errors import ConfigError
 
@@ -26,7 +26,8 @@ _SCRIPT_REJECTS = {("sdxl_train_network", "v2"): "--v2 cannot be used with SDXL"
                    ("sdxl_train_textual_inversion", "v2"): "--v2 cannot be used with SDXL"}
 # Defaults sdtk changes on purpose (documented): embeddings are written as safetensors, not pickles.
 _SDTK_DEFAULTS = {("train_textual_inversion", "save_model_as"): "safetensors",
-                  ("sdxl_train_textual_inversion", "save_model_as"): "safetensors"}
+                  ("sdxl_train_textual_inversion", "save_model_as"): "safetensors",
+                  ("train_textual_inversion_XTI", "save_model_as"): "safetensors"}
 # Companions that implemented flags need to be valid together (kohya's own constraints).
 _COMPANIONS = {
     "full_fp16": ["--mixed_precision", "fp16"], "full_bf16": ["--mixed_precision", "bf16"],
@@ -183,7 +184,8 @@ def test_unknown_flags_get_suggestions_and_all_problems_come_together(tmp_path):
     assert "did you mean --xformers?" in text
     assert f"{cfg}: unknown key 'network_dimm' for train_network; did you mean 'network_dim'?" in text
     assert f"{cfg}: learning_rate: must be > 0" in text
-    assert "--deepspeed is not supported by sdtk: DeepSpeed is not supported" in text
+    assert ("--deepspeed is not supported by sdtk: only the full-model scripts (train_db.py, fine_tune.py, "
+            "sdxl_train.py) use DeepSpeed") in text
     assert ("--huggingface_repo_id is not supported by sdtk: Hugging Face upload is not supported "
             f"(offline toolkit) (set in {cfg})") in text
 
@@ -260,7 +262,9 @@ def test_help_lists_every_flag(script):
     text = " ".join(parser.format_help().split())
     for entry in _kohya_entries(script):
         assert entry["flags"][-1] in text
-    assert "[not supported: DeepSpeed is not supported]" in text
+    # DeepSpeed: the full-model scripts implement it (but --zero3_init_flag); the others refuse it
+    assert ("[not supported: sdtk reads the model from its checkpoint" if script in FULL_TRAINERS
+            else "[not supported: only the full-model scripts") in text
     assert "defaults < --config_file TOML < command line" in text
     # the plain parser converts types itself
     assert parser.parse_args(["--learning_rate", "1e-3"]).learning_rate == 1e-3

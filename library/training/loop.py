@@ -21,6 +21,7 @@ from library.errors import TrainingError
 from library.training import noise as N
 from library.training import saving as S
 from library.training.data import iterate_epoch
+from library.training.deepspeed_plugin import backward as ds_backward
 from library.training.optimizers import adaptive_lr_logs, eval_mode, set_train_mode
 from library.training.progress import LossRecorder, init_trackers, make_progress_bar
 from library.training.state import (Progress, TrainState, capture_rng, load_state, restore_rng, save_state,
@@ -193,13 +194,17 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
             loss_value = _global_loss(acc, loss)
             if math.isnan(loss_value) or math.isinf(loss_value):
                 _stop_on_nan(t, s, progress, out_dir, epoch_no)
-            acc.backward(loss / window)
+            if s.deepspeed_engine is not None:  # DeepSpeed reduces, clips and steps at the window's end
+                ds_backward(acc, loss, window, accum, sync)
+            else:
+                acc.backward(loss / window)
             progress.micro_step += 1
             progress.batch_in_epoch = pos + 1
             recorder.add(pos, loss_value)
             if not sync:
                 continue
-            if not target.steps_in_backward:  # --fused_backward_pass: done per parameter in the backward pass
+            # --fused_backward_pass: done per parameter in the backward pass; --deepspeed: by DeepSpeed
+            if not target.steps_in_backward and s.deepspeed_engine is None:
                 if acc.num_processes > 1:
                     _all_reduce_grads(s.trainable_params)
                 if a.max_grad_norm:
@@ -291,6 +296,10 @@ def _save_checkpoint(t: Any, s: Any, progress: Progress, out_dir: Path, save_sta
 def _stop_on_nan(t: Any, s: Any, progress: Progress, out_dir: Path, epoch_no: int) -> None:
     """Save the last good state and stop with an explanation."""
     s.optimizer.zero_grad(set_to_none=True)
+    if s.deepspeed_engine is not None:  # no exact state under DeepSpeed (see library/training/deepspeed_plugin.py)
+        raise TrainingError(f"the loss became NaN/inf at step {progress.global_step + 1} (epoch {epoch_no}); "
+                            "training stopped. Likely causes: a learning rate too high, or fp16 overflow (try "
+                            "--mixed_precision bf16)")
     folder = out_dir / f"{S.step_name(s.args.output_name, progress.global_step)}-state"
     # the state is that of the last completed optimizer step: drop a partial accumulation window
     good = Progress(progress.epoch, progress.global_step,

@@ -41,16 +41,33 @@ def make_accelerator(args: Any):
     trackers = resolve_trackers(args.log_with, args.logging_dir)
     check_tracker_args(args, trackers)  # a broken --log_tracker_config fails now, not after model loading
     handlers: list[Any] = []
-    if args.ddp_timeout:
-        handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
+    deepspeed = bool(getattr(args, "deepspeed", False))
+    # DeepSpeed without a GPU: accelerate forms the process group only when told the backend (DeepSpeed's CPU
+    # accelerator uses gloo); otherwise each process would see itself alone
+    gloo = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    if args.ddp_timeout or gloo:
+        timeout = {"timeout": timedelta(minutes=args.ddp_timeout)} if args.ddp_timeout else {}
+        handlers.append(InitProcessGroupKwargs(**timeout, **gloo))
     if args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
         handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=bool(args.ddp_gradient_as_bucket_view),
                                                       static_graph=bool(args.ddp_static_graph)))
+    ds_plugin = None
+    if deepspeed:  # before reading WORLD_SIZE: a single process gets its group's env here
+        from library.training.deepspeed_plugin import make_plugin
+
+        ds_plugin = make_plugin(args)
     # torchrun / accelerate on a machine without a GPU: accelerate needs cpu=True to form the gloo group
-    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=cpu, mixed_precision=args.mixed_precision or "no", gradient_accumulation_steps=1,
-                       log_with=trackers or None,
-                       project_dir=run_logging_dir(args.logging_dir, args.log_prefix), kwargs_handlers=handlers)
+    # (DeepSpeed forms its group itself, with its CPU accelerator's gloo backend: cpu=True would bypass it)
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and ds_plugin is None
+    acc = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision or "no",
+                      gradient_accumulation_steps=args.gradient_accumulation_steps if ds_plugin else 1,
+                      log_with=trackers or None, deepspeed_plugin=ds_plugin,
+                      project_dir=run_logging_dir(args.logging_dir, args.log_prefix), kwargs_handlers=handlers)
+    if ds_plugin is not None:
+        from library.training.deepspeed_plugin import no_construction_time_partitioning
+
+        no_construction_time_partitioning()
+    return acc
 
 
 # kohya's --dynamo_backend choices (accelerate's names) -> torch.compile backend names
@@ -133,6 +150,14 @@ def check_args(args: Any) -> None:
     from library.training.state import initial_step_problems
 
     problems += initial_step_problems(args)
+    from library.training.deepspeed_plugin import deepspeed_problems, require_deepspeed
+
+    problems += deepspeed_problems(args)
+    if getattr(args, "deepspeed", False):
+        try:
+            require_deepspeed()
+        except ConfigError as e:
+            problems += e.problems
     if problems:
         raise ConfigError(problems)
 
@@ -201,7 +226,13 @@ def setup_session(t: Trainer) -> Session:
                                    scheduler_type=getattr(a, "lr_scheduler_type", None),
                                    scheduler_args=getattr(a, "lr_scheduler_args", None),
                                    schedule_free=is_schedule_free(a.optimizer_type))
-    optimizer = acc.prepare(optimizer)  # grad scaler for fp16; devices are handled here, not by accelerate
+    engine = None
+    if getattr(a, "deepspeed", False):  # the trained modules and the optimizer go to DeepSpeed together
+        from library.training.deepspeed_plugin import prepare as prepare_deepspeed
+
+        engine, optimizer = prepare_deepspeed(acc, list(target.module), optimizer, a.mixed_precision or "no")
+    else:
+        optimizer = acc.prepare(optimizer)  # grad scaler for fp16; devices are handled here, not by accelerate
     if a.full_fp16:
         _allow_fp16_unscale(acc)
 
@@ -215,7 +246,7 @@ def setup_session(t: Trainer) -> Session:
                 alphas_cumprod=N.training_alphas_cumprod(noise_sched.betas, bool(a.zero_terminal_snr)),
                 v_prediction=v_prediction,
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
-                save_dtype=t.save_dtype(), trainable_params=params, target=target)
+                save_dtype=t.save_dtype(), trainable_params=params, target=target, deepspeed_engine=engine)
     s.metadata = target.session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
     target.session_ready(s)
     from library.training.memory import tune_allocator_for_training

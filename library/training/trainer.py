@@ -66,6 +66,7 @@ class Session:
     trainable_params: list = field(default_factory=list)
     loss_recorder: Any = None  # progress.LossRecorder, set by the loop (saved in states for avr_loss)
     target: Any = None  # library.training.targets.TrainingTarget
+    deepspeed_engine: Any = None  # --deepspeed: the engine of the trained modules (library/training/deepspeed_plugin.py)
 
 
 class Trainer:
@@ -251,9 +252,12 @@ class Trainer:
     # ------------------------------------------------------------------ outputs
     def save_output(self, s: Session, path: Path, steps: int, epoch: int) -> None:
         """Write what the target trained to ``path`` atomically (main process only; others wait)."""
-        if s.accelerator.is_main_process:
-            s.target.save(self, s, path, steps, epoch)
-        s.accelerator.wait_for_everyone()
+        from library.training.deepspeed_plugin import gathered_weights
+
+        with gathered_weights(s):  # ZeRO-3: every process takes part in gathering the whole weights
+            if s.accelerator.is_main_process:
+                s.target.save(self, s, path, steps, epoch)
+            s.accelerator.wait_for_everyone()
 
     def sample_images(self, s: Session, steps: int, epoch: int | None) -> None:
         """Render ``--sample_prompts`` when kohya's cadence says so."""

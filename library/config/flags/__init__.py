@@ -7,14 +7,14 @@ A dest may be declared only once per script (checked at import).
 from __future__ import annotations
 
 from library.config.flags import (
-    config, dataset, embedding, full_model, gen_img, logging, loss, model, network, optimizer, sampling, saving,
+    config, dataset, deepspeed, embedding, full_model, gen_img, logging, loss, model, network, optimizer, sampling, saving,
     training, validation,
 )
 from library.config.flags.base import Flag
 from library.config.flags.scripts import COVERED_SCRIPTS, FULL_TRAINERS, NETWORK_TRAINERS
 
 ALL_FLAGS: list[Flag] = [
-    *config.FLAGS, *model.FLAGS, *dataset.FLAGS, *training.FLAGS, *loss.FLAGS, *optimizer.FLAGS,
+    *config.FLAGS, *model.FLAGS, *dataset.FLAGS, *training.FLAGS, *deepspeed.FLAGS, *loss.FLAGS, *optimizer.FLAGS,
     *network.FLAGS, *saving.FLAGS, *logging.FLAGS, *sampling.FLAGS, *validation.FLAGS, *gen_img.FLAGS,
     *full_model.FLAGS, *embedding.FLAGS,
 ]

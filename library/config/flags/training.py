@@ -5,8 +5,6 @@ from __future__ import annotations
 from library.config.flags.base import DONE, F, at_least, in_group, non_negative, unsupported
 from library.config.flags.scripts import NETWORK_TRAINERS
 
-_DEEPSPEED = unsupported("DeepSpeed is not supported")
-
 FLAGS = in_group("training", [
     F("--max_train_steps", int, 1600, DONE, "Number of optimizer steps to train.", check=at_least(1)),
     F("--max_train_epochs", int, None, DONE,
@@ -44,16 +42,5 @@ FLAGS = in_group("training", [
     F("--ddp_gradient_as_bucket_view", bool, False, DONE,
       "DistributedDataParallel option gradient_as_bucket_view (saves memory)."),
     F("--ddp_static_graph", bool, False, DONE, "DistributedDataParallel option static_graph."),
-    F("--deepspeed", bool, False, _DEEPSPEED, "Train with DeepSpeed."),
-    F("--zero_stage", int, 2, _DEEPSPEED, "DeepSpeed ZeRO stage.", choices=[0, 1, 2, 3]),
-    F("--offload_optimizer_device", str, None, _DEEPSPEED,
-      "DeepSpeed: where to offload optimizer states.", choices=[None, "cpu", "nvme"]),
-    F("--offload_optimizer_nvme_path", str, None, _DEEPSPEED, "DeepSpeed: NVMe path for optimizer offload."),
-    F("--offload_param_device", str, None, _DEEPSPEED,
-      "DeepSpeed: where to offload parameters.", choices=[None, "cpu", "nvme"]),
-    F("--offload_param_nvme_path", str, None, _DEEPSPEED, "DeepSpeed: NVMe path for parameter offload."),
-    F("--zero3_init_flag", bool, False, _DEEPSPEED, "DeepSpeed: zero.Init for ZeRO stage 3."),
-    F("--zero3_save_16bit_model", bool, False, _DEEPSPEED, "DeepSpeed: save a 16-bit model with ZeRO stage 3."),
-    F("--fp16_master_weights_and_gradients", bool, False, _DEEPSPEED,
-      "DeepSpeed: keep master weights and gradients in fp16."),
+    # --deepspeed and its options: library/config/flags/deepspeed.py
 ])
