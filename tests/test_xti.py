@@ -178,3 +178,160 @@ def test_gen_img_xti_bad_input_one_line_errors(sd1, tiny_model_dir, tmp_path, ca
     err = _error(capsys, [*args, good, "--textual_inversion_embeddings", str(tmp_path / "d" / "good.safetensors")],
                  tmp_path)
     assert "also the word of" in err
+
+
+# ------------------------------------------------------------------------------------------- training
+TOKEN = "mychar"
+
+
+def run_xti(argv: list[str], trainer_cls=None) -> int:
+    """train_textual_inversion_XTI.main(argv) in this process (accelerate's process-wide state reset first)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train_textual_inversion_XTI as script
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return script.main(argv, trainer_cls)
+
+
+def xti_argv(model, data, out, *extra: str, steps: int = 4) -> list[str]:
+    return ["--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data), "--resolution", "64",
+            "--output_dir", str(out), "--token_string", TOKEN, "--max_train_steps", str(steps),
+            "--learning_rate", "5e-2", "--seed", "7", "--max_data_loader_n_workers", "0", *extra]
+
+
+@pytest.fixture(scope="module")
+def xti_run(sd1, tmp_path_factory):
+    """4 steps, 2 vectors per layer from --init_word photo, saves + states every 2 steps, a sample at the end."""
+    from library.training.targets.xti import XTITrainer
+    from tests.trainer_fixtures import make_dataset
+
+    root = tmp_path_factory.mktemp("xti")
+    data = make_dataset(root / "data", token=TOKEN)  # captions "a photo of mychar <name>"
+    prompts = root / "prompts.txt"
+    prompts.write_text(f"a (photo:1.1) of {TOKEN} --w 64 --h 64 --s 2 --d 3\n", encoding="utf-8")
+    sessions = []
+
+    class Capture(XTITrainer):
+        def save_output(self, s, path, steps, epoch):
+            sessions.append(s)
+            super().save_output(s, path, steps, epoch)
+
+    common = ("--num_vectors_per_token", "2", "--init_word", "photo", "--lr_scheduler", "cosine")
+    argv = xti_argv(sd1, data, root / "out", *common, "--save_every_n_steps", "2", "--save_state",
+                    "--sample_prompts", str(prompts), "--sample_every_n_steps", "4")
+    assert run_xti(argv, Capture) == 0
+    return data, root / "out", common, sessions[-1]
+
+
+def test_xti_trains_only_the_layer_rows_into_kohyas_layout(sd1, xti_run):
+    from safetensors import safe_open
+
+    from tests.trainer_fixtures import assert_same_tensors
+
+    _, out, _, s = xti_run
+    fresh = load_models(str(sd1))
+    assert_same_tensors(s.model.unet.state_dict(), fresh.unet.state_dict())
+    assert_same_tensors(s.model.vae.state_dict(), fresh.vae.state_dict())
+    assert not any(p.requires_grad for p in s.model.unet.parameters())
+    trained = {k.replace("token_embedding.base.weight", "token_embedding.weight"): v
+               for k, v in s.model.text_encoders[0].state_dict().items() if not k.endswith("token_embedding.new")}
+    assert_same_tensors(trained, fresh.text_encoders[0].state_dict())  # every old row and weight
+    tok, old = s.model.tokenizers[0], fresh.tokenizers[0]
+    assert all(tok.get_vocab()[w] == i for w, i in old.get_vocab().items())
+    ids = tok.convert_tokens_to_ids([f"{TOKEN}_in01", f"{TOKEN}1_in01", f"{TOKEN}_out11"])
+    assert ids == [len(old), len(old) + 1, len(old) + 30]  # 16 layers x 2 vectors after the vocabulary
+
+    file = out / f"{TOKEN}.safetensors"
+    with safe_open(str(file), "pt") as f:
+        assert list(f.keys()) == sorted(XTI_LAYERS)
+        md = f.metadata()
+        vec = torch.stack([f.get_tensor(k) for k in XTI_LAYERS])
+    assert md["ss_token_string"] == TOKEN and md["ss_num_vectors_per_token"] == "2" and md["ss_steps"] == "4"
+    assert md["ss_xti_layers"].split(",") == list(XTI_LAYERS)
+    assert md["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert vec.shape == (16, 2, 32) and torch.equal(vec.reshape(32, 32), s.target.tables[0].vectors.detach())
+    # every layer started at the rows of "photo" and was trained on its own
+    photo = fresh.text_encoders[0].get_input_embeddings().weight[old("photo", add_special_tokens=False).input_ids]
+    assert all(float((vec[i] - photo).abs().max()) > 1e-4 for i in range(16))
+    assert float((vec[0] - vec[15]).abs().max()) > 1e-4
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        f"{TOKEN}-step00000002.safetensors", f"{TOKEN}-step00000004.safetensors", f"{TOKEN}.safetensors"]
+    assert len(list((out / "sample").glob("*.png"))) == 1  # sampled with the per-layer conditioning
+    assert not any(p.name.startswith(".sdtk-tmp") for p in out.rglob("*"))
+
+
+def test_xti_training_conditioning_is_gen_imgs_reading_of_the_file(sd1, xti_run, tmp_path):
+    """The per-layer states the trainer computes for a prompt are those gen_img computes from the saved file;
+    gen_img renders the token (the image differs from the prompt without it)."""
+    from library.inference import prompt_weighting as pw
+    from library.inference.xti import load_xti_embeddings, read_xti_embeddings
+
+    _, out, _, s = xti_run
+    prompt = f"a photo of {TOKEN} coffee"
+    with torch.no_grad():
+        training = s.family.encode_prompts(s.model.text_encoders, s.model.tokenizers, [prompt], None, None,
+                                           torch.device("cpu")).layers
+        m = load_models(str(sd1))
+        xti = load_xti_embeddings(m, read_xti_embeddings([str(out / f"{TOKEN}.safetensors")]))
+        reading = torch.stack([pw.encode_prompts(m.family, m.text_encoders, m.tokenizers, [prompt],
+                                                 convert_prompt=c).hidden_states for c in xti.converters()])
+    assert training.shape == (16, 1, 77, 32)
+    torch.testing.assert_close(reading, training, rtol=0, atol=1e-5)
+    assert float((training[0] - training[15]).abs().max()) > 1e-4  # the layers differ
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(f"a photo of {TOKEN} --d 5\na photo of --d 5\n", encoding="utf-8")
+    assert gen_img.main(["--ckpt", str(sd1), "--from_file", str(prompts), "--W", "64", "--H", "64", "--steps", "3",
+                         "--sampler", "euler", "--XTI_embeddings", str(out / f"{TOKEN}.safetensors"),
+                         "--outdir", str(tmp_path / "gen"), "--sequential_file_name"]) == 0
+    with_token, without = (np.asarray(Image.open(tmp_path / "gen" / f"im_00000{i}.png"), dtype=np.int16)
+                           for i in (1, 2))
+    assert np.abs(with_token - without).max() > 0
+
+
+def test_xti_resume_is_bit_identical(sd1, xti_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from tests.trainer_fixtures import assert_same_tensors
+
+    data, out, common, _ = xti_run
+    argv = xti_argv(sd1, data, tmp_path, *common, "--resume", str(out / f"{TOKEN}-step00000002-state"))
+    assert run_xti(argv) == 0
+    assert_same_tensors(load_file(out / f"{TOKEN}.safetensors"), load_file(tmp_path / f"{TOKEN}.safetensors"))
+
+
+def test_xti_weights_continue_from_an_xti_file_and_pt_is_kohyas_dict(sd1, xti_run, tmp_path):
+    from safetensors.torch import load_file
+
+    data, out, _, _ = xti_run
+    start = load_file(out / f"{TOKEN}.safetensors")
+    argv = xti_argv(sd1, data, tmp_path, "--num_vectors_per_token", "2", "--weights",
+                    str(out / f"{TOKEN}.safetensors"), "--save_model_as", "pt", "--learning_rate", "1e-7", steps=1)
+    assert run_xti(argv) == 0
+    pt = torch.load(tmp_path / f"{TOKEN}.pt", weights_only=True)
+    assert sorted(pt) == sorted(XTI_LAYERS)  # kohya's XTI .pt: the same dict, pickled
+    # one AdamW step of 1e-7 from the file's vectors (not from --init_word or the table's mean)
+    assert max(float((pt[k] - start[k]).abs().max()) for k in XTI_LAYERS) < 5e-7
+
+
+def test_xti_bad_input_one_line_errors(sd1, tiny_model_dir, xti_run, tmp_path, capsys):
+    data, out, _, _ = xti_run
+
+    def err(model, *extra: str) -> str:
+        assert run_xti(xti_argv(model, data, tmp_path / "out", *extra, "--console_log_level", "ERROR")) == 1
+        line = capsys.readouterr().err.strip()
+        assert line.startswith("error: ") and "\n" not in line, line
+        return line
+
+    assert "sdxl_train_textual_inversion.py" in err(tiny_model_dir("sdxl"))
+    assert "use train_textual_inversion.py" in err(tiny_model_dir("sd2"))
+    save_file({"emb_params": torch.zeros(2, 32)}, str(tmp_path / "plain.safetensors"))
+    assert "not an XTI embedding" in err(sd1, "--weights", str(tmp_path / "plain.safetensors"))
+    assert "use --num_vectors_per_token 2" in err(sd1, "--weights", str(out / f"{TOKEN}.safetensors"))
+    assert "--num_vectors_per_token" in err(sd1, "--num_vectors_per_token", "0")
+    assert "more than --num_vectors_per_token 1" in err(sd1, "--init_word", "photo")  # two tokens
+    assert "--deepspeed is not supported by sdtk" in err(sd1, "--deepspeed")
+    assert "'x' is already a token" in err(sd1, "--token_string", "x", "--use_object_template")  # a vocabulary entry
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # nothing written

@@ -24,14 +24,17 @@ class Conditioning:
     Attributes:
         hidden_states: ``[B, L, D]`` cross-attention states (``L`` = 77 or 75 * chunks + 2).
         pooled: ``[B, P]`` pooled text embedding (SDXL), else None.
+        layers: ``[16, B, L, D]`` one state per UNet cross-attention layer (Extended Textual Inversion,
+            :mod:`library.models.xti`), else None; ``hidden_states`` is then one of them.
     """
 
     hidden_states: torch.Tensor
     pooled: torch.Tensor | None = None
+    layers: torch.Tensor | None = None
 
     def repeat(self, n: int) -> "Conditioning":
-        rep = lambda t: None if t is None else t.repeat_interleave(n, dim=0)  # noqa: E731
-        return Conditioning(rep(self.hidden_states), rep(self.pooled))
+        rep = lambda t, dim=0: None if t is None else t.repeat_interleave(n, dim=dim)  # noqa: E731
+        return Conditioning(rep(self.hidden_states), rep(self.pooled), rep(self.layers, 1))
 
 
 class FamilyAdapter(ABC):

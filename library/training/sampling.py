@@ -185,6 +185,12 @@ def generate(pipeline_cls: type, components: dict[str, Any], encode, sp: SampleP
     if cond.pooled is not None:
         kwargs.update(pooled_prompt_embeds=cond.pooled.to(device, dtype),
                       negative_pooled_prompt_embeds=uncond.pooled.to(device, dtype))
+    if cond.layers is not None:  # XTI: per-layer states for the hooked UNet, in the pipeline's [negative, prompt] order
+        from library.models.xti import per_block_kwargs
+
+        pairs = [_match_lengths(p, n) for p, n in zip(cond.layers, uncond.layers)]
+        layers = torch.stack([torch.cat([n, p]) for p, n in pairs])
+        kwargs["cross_attention_kwargs"] = per_block_kwargs(layers.to(device, dtype))
     out = pipe(width=width, height=height, num_inference_steps=max(1, sp.sample_steps), guidance_scale=sp.scale,
                generator=generator, output_type="pil", **kwargs)
     return out.images[0]

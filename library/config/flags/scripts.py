@@ -12,6 +12,6 @@ from __future__ import annotations
 NETWORK_TRAINERS = ("train_network", "sdxl_train_network")
 FULL_TRAINERS = ("train_db", "fine_tune", "sdxl_train")  # full-model training (library/training/targets/full_trainer.py)
 # textual inversion (library/training/targets/embedding_trainer.py)
-EMBEDDING_TRAINERS = ("train_textual_inversion", "sdxl_train_textual_inversion")
+EMBEDDING_TRAINERS = ("train_textual_inversion", "sdxl_train_textual_inversion", "train_textual_inversion_XTI")
 SDXL_SCRIPTS = ("sdxl_train_network", "sdxl_train", "sdxl_train_textual_inversion")
 COVERED_SCRIPTS = NETWORK_TRAINERS + FULL_TRAINERS + EMBEDDING_TRAINERS

@@ -95,10 +95,8 @@ class EmbeddingTrainer(Trainer):
                               f"({self.script_name}.py trains embeddings for "
                               f"{', '.join(f.pretty for f in self.expected_families())} models)")
         if a.weights:
-            from library.training.targets.embedding_files import read_embedding_file
-
-            vectors = read_embedding_file(a.weights, bool(getattr(a, "allow_pickle", False)))
-            if vectors[0].shape[0] != a.num_vectors_per_token:
+            vectors = self.target.read_weights(a.weights)
+            if vectors[0].shape[0] != len(self.target.token_strings()):
                 raise ConfigError(f"--weights {a.weights} holds {vectors[0].shape[0]} vectors, but "
                                   f"--num_vectors_per_token is {a.num_vectors_per_token}; use "
                                   f"--num_vectors_per_token {vectors[0].shape[0]}")

@@ -191,6 +191,12 @@ class EmbeddingTarget(TrainingTarget):
             logger.info("textual inversion: %s gets tokens %s (ids %d-%d)", which, " ".join(strings), ids[0], ids[-1])
         return tables
 
+    def read_weights(self, path: str) -> list[torch.Tensor]:
+        """``--weights``: the start vectors per table, ``[len(token_strings()), D]`` each (XTI reads its own layout)."""
+        from library.training.targets.embedding_files import read_embedding_file
+
+        return read_embedding_file(path, bool(getattr(self.args, "allow_pickle", False)))
+
     def file_tensors(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """What a save writes: ``{key: [n, D]}`` on the CPU, in ``dtype`` (None: as trained)."""
         return {t.key: t.vectors.detach().to("cpu", dtype=dtype or t.vectors.dtype).clone() for t in self.tables}
@@ -206,9 +212,7 @@ class EmbeddingTarget(TrainingTarget):
         """Tokens, tables and start vectors (``--init_word``, ``--weights``); raises before anything is written."""
         a = self.args
         self.family = model.family
-        from library.training.targets.embedding_files import read_embedding_file
-
-        weights = read_embedding_file(a.weights, bool(getattr(a, "allow_pickle", False))) if a.weights else None
+        weights = self.read_weights(a.weights) if a.weights else None
         self.tables = self.build_tables(model)
         if weights is not None:
             self.load_vectors(weights, f"--weights {a.weights}")
