@@ -129,6 +129,12 @@ def test_sd1_resume_is_bit_identical(sd1_run, data, tmp_path):
     assert_same_tensors(load_file(out / f"{TOKEN}.safetensors"), load_file(tmp_path / f"{TOKEN}.safetensors"))
 
 
+def test_sd1_gradient_checkpointing_gives_the_same_embedding(sd1_run, data, tmp_path):
+    model, out, common, _ = sd1_run
+    assert run_ti(ti_argv(model, data[0], tmp_path, *common, "--gradient_checkpointing")) == 0
+    assert_same_tensors(load_file(out / f"{TOKEN}.safetensors"), load_file(tmp_path / f"{TOKEN}.safetensors"))
+
+
 def _sdtk_hidden(model_dir, emb_file, prompt: str) -> torch.Tensor:
     """gen_img's reading: the file loaded by library.inference.textual_inversion, the prompt encoded by sdtk."""
     from library.inference import prompt_weighting as pw

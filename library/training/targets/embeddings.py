@@ -129,7 +129,7 @@ def initial_vectors(table: torch.Tensor, n: int, init_ids: list[int] | None) -> 
     rows plus noise of 1e-5 of their variance per dimension (transformers' rule for rows added by
     ``resize_token_embeddings``), from the global RNG (seeded by the run's seed).
     """
-    w = table.detach().float()
+    w = table.detach().float().cpu()
     if init_ids:
         return torch.stack([w[init_ids[i % len(init_ids)]] for i in range(n)]).clone()
     mean, std = w.mean(dim=0), w.std(dim=0)
