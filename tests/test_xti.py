@@ -42,10 +42,17 @@ def _inputs(seed: int = 0, batch: int = 2, width: int = 32):
 
 
 def test_layer_names_match_kohyas_original_layout():
-    assert len(XTI_LAYERS) == 16 and len(set(LAYER_MODULES.values())) == 16
-    assert LAYER_MODULES["IN01"] == "down_blocks.0.attentions.0" and LAYER_MODULES["IN08"] == "down_blocks.2.attentions.1"
-    assert LAYER_MODULES["MID"] == "mid_block.attentions.0"
-    assert LAYER_MODULES["OUT03"] == "up_blocks.1.attentions.0" and LAYER_MODULES["OUT11"] == "up_blocks.3.attentions.2"
+    """kohya's names are the original layout's blocks (IN04 = input_blocks.4.1, MID = middle_block.1, OUT03 =
+    output_blocks.3.1); sdtk's layout map (derived from the UNet config) must agree with LAYER_MODULES."""
+    from library.models.tiny import unet_config
+    from library.models.unet_layout import diffusers_to_sgm_module_map
+
+    original = diffusers_to_sgm_module_map(unet_config(Family.SD1), list(LAYER_MODULES.values()))
+    for name, module in LAYER_MODULES.items():
+        want = "middle_block.1" if name == "MID" else \
+            f"{'input' if name.startswith('IN') else 'output'}_blocks.{int(name.lstrip('INOUT'))}.1"
+        assert original[module] == want, name
+    assert list(LAYER_MODULES) == list(XTI_LAYERS) and len(set(LAYER_MODULES.values())) == 16
 
 
 def test_equal_states_equal_the_plain_unet_bit_for_bit_and_each_layer_matters():
@@ -289,6 +296,26 @@ def test_xti_training_conditioning_is_gen_imgs_reading_of_the_file(sd1, xti_run,
     with_token, without = (np.asarray(Image.open(tmp_path / "gen" / f"im_00000{i}.png"), dtype=np.int16)
                            for i in (1, 2))
     assert np.abs(with_token - without).max() > 0
+
+
+def test_xti_samples_during_training_use_every_layer(xti_run):
+    """The sampler gives the hooked UNet the per-layer states: dropping them (the MID layer's states for every
+    layer) renders another image."""
+    from library.training.family import Conditioning
+    from library.training.sampling import SamplePrompt, generate
+
+    _, _, _, s = xti_run
+    m, cpu = s.model, torch.device("cpu")
+    encode = lambda texts: s.family.encode_prompts(m.text_encoders, m.tokenizers, texts, None, None, cpu,  # noqa: E731
+                                                   weighted=True, keep_mean=True)
+    sp = SamplePrompt(prompt=f"a (photo:1.1) of {TOKEN}", width=64, height=64, sample_steps=2, seed=3)
+    parts = {"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoders[0], "tokenizer": m.tokenizers[0]}
+    render = lambda enc: np.asarray(generate(s.family.pipeline_class(), parts, enc, sp, m.scheduler_config,  # noqa: E731
+                                             "ddim", cpu, torch.float32), dtype=np.int16)
+    assert encode(["x"]).layers.shape[0] == 16
+    per_layer = render(encode)
+    assert np.abs(per_layer - render(lambda texts: Conditioning(encode(texts).hidden_states))).max() > 0
+    assert np.array_equal(per_layer, render(encode))  # deterministic, so the difference is the layers'
 
 
 def test_xti_resume_is_bit_identical(sd1, xti_run, tmp_path):
