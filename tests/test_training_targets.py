@@ -55,11 +55,21 @@ def _embeddings(model_dir, out):
     return (script.SdxlTextualInversionTrainer if sdxl else script.TextualInversionTrainer)(args)
 
 
+def _xti(model_dir, out):
+    import train_textual_inversion_XTI as script
+
+    from library.config.args import parse_args
+
+    args = parse_args(script.SCRIPT, ["--pretrained_model_name_or_path", str(model_dir), "--output_dir", str(out),
+                                      "--token_string", "zq", "--num_vectors_per_token", "2"])
+    return script.XTITrainer(args)
+
+
 @pytest.mark.parametrize("kind,family", [("network", "sd1"), ("dreambooth", "sd1"), ("sdxl", "sdxl"),
-                                         ("embeddings", "sd1"), ("embeddings", "sdxl")])
+                                         ("embeddings", "sd1"), ("embeddings", "sdxl"), ("xti", "sd1")])
 def test_target_contract(kind, family, tiny_model_dir, tmp_path):
     trainer = {"network": _network, "dreambooth": _dreambooth, "sdxl": _sdxl,
-               "embeddings": _embeddings}[kind](tiny_model_dir(family), tmp_path)
+               "embeddings": _embeddings, "xti": _xti}[kind](tiny_model_dir(family), tmp_path)
     target = trainer.make_target()
     model = trainer.load_model()
     target.build(trainer, model, SimpleNamespace(device=torch.device("cpu")), torch.float32)
@@ -68,7 +78,7 @@ def test_target_contract(kind, family, tiny_model_dir, tmp_path):
     params = target.trainable_params()
     assert groups and params and all(p.requires_grad for p in params)
     assert len({id(p) for p in params}) == len(params)  # no parameter in two groups
-    assert target.module is not None and target.train_unet == (kind != "embeddings")
+    assert target.module is not None and target.train_unet == (kind not in ("embeddings", "xti"))
     # state round trip: a changed copy loaded back restores exactly the saved values
     saved = {k: v.detach().clone() for k, v in target.state_dict().items()}
     with torch.no_grad():
@@ -85,6 +95,10 @@ def test_target_contract(kind, family, tiny_model_dir, tmp_path):
     elif kind == "embeddings":  # only the new rows, one [2, D] matrix per text encoder, nothing of the UNet
         assert suffix == ".safetensors" and target.train_text_encoder and len(groups) == 1
         assert [tuple(p.shape) for p in params] == [(2, te.config.hidden_size) for te in model.text_encoders]
+        assert not any(p.requires_grad for m in (model.unet, *model.text_encoders) for p in m.parameters()
+                       if all(p is not q for q in params))
+    elif kind == "xti":  # one [16 layers x 2, D] matrix, nothing else
+        assert suffix == ".safetensors" and len(groups) == 1 and [tuple(p.shape) for p in params] == [(32, 32)]
         assert not any(p.requires_grad for m in (model.unet, *model.text_encoders) for p in m.parameters()
                        if all(p is not q for q in params))
     elif kind == "dreambooth":
