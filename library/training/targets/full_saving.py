@@ -9,8 +9,8 @@ kohya's rule for the format (``train_db.py``, ``fine_tune.py``, ``sdxl_train.py`
 - no ``--save_model_as``: the layout of the source model (a file stays a file, a folder a
   folder), with ``.safetensors`` weights only when ``--use_safetensors`` is given.
 
-Safetensors weights are written tensor by tensor (:mod:`.stream_save`), so a save never holds
-a second full copy of the model; a ``.ckpt`` (pickle) needs the whole state dict in CPU memory.
+Weights are written tensor by tensor (:mod:`.stream_save`: safetensors, and torch's zip format for
+``.ckpt`` / ``.bin``), so a save never holds a second full copy of the model.
 Every output is written atomically (temp name, then rename).
 """
 
@@ -28,8 +28,8 @@ from library.errors import ModelSaveError
 from library.models import original_layout as ol
 from library.models.checkpoint import METADATA_CONFIG_KEY, CheckpointReader
 from library.models.families import Family
-from library.training.targets.stream_save import save_safetensors_streaming
-from library.utils.atomic import atomic_dir, save_torch, write_json
+from library.training.targets.stream_save import save_safetensors_streaming, save_torch_streaming
+from library.utils.atomic import atomic_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +104,8 @@ def save_full_model(model: Any, path: Path, fmt: SaveFormat, save_dtype: torch.d
         if fmt.safetensors:
             save_safetensors_streaming(sd, path, meta, save_dtype)
         else:
-            sd = {k: v.detach().to("cpu", dtype=save_dtype if save_dtype and v.is_floating_point() else v.dtype)
-                  for k, v in sd.items()}
-            save_torch({"state_dict": sd, "epoch": epoch, "global_step": global_step, **meta}, path)
+            save_torch_streaming({"state_dict": sd, "epoch": epoch, "global_step": global_step, **meta}, path,
+                                 save_dtype)
     else:
         save_diffusers_streaming(model, path, save_dtype, fmt.safetensors)
     logger.info("saved %s model to %s (%s)", model.family.pretty, path, fmt.name)
@@ -140,8 +139,7 @@ def _component(module: torch.nn.Module, folder: Path, dtype: torch.dtype | None,
     if use_safetensors:
         save_safetensors_streaming(sd, folder / f"{stem}.safetensors", {"format": "pt"}, dtype)
     else:
-        sd = {k: v.detach().to("cpu", dtype=dtype if dtype and v.is_floating_point() else v.dtype) for k, v in sd.items()}
-        save_torch(sd, folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"))
+        save_torch_streaming(sd, folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"), dtype)
 
 
 def full_model_metadata(s: Any, family: Family) -> dict[str, str]:
