@@ -167,6 +167,8 @@ def test_gen_img_xti_bad_input_one_line_errors(sd1, tiny_model_dir, tmp_path, ca
         err = _error(capsys, ["--ckpt", str(tiny_model_dir(fam)), *COMMON, "--prompt", "a", "--XTI_embeddings", good],
                      tmp_path)
         assert "--XTI_embeddings" in err and "for SD 1.x models" in err, err
+    plain_flag = ["--ckpt", str(sd1), *COMMON, "--prompt", "a cat", "--textual_inversion_embeddings", good]
+    assert "an Extended Textual Inversion file" in _error(capsys, plain_flag, tmp_path)  # the other flag's hint
     save_file({"emb_params": torch.zeros(1, width)}, str(tmp_path / "plain.safetensors"))
     err = _error(capsys, [*args, str(tmp_path / "plain.safetensors")], tmp_path)
     assert "not an XTI embedding" in err and "--textual_inversion_embeddings" in err

@@ -120,6 +120,12 @@ def parse_embedding(state: dict[str, Any], where: str) -> list[torch.Tensor]:
     if len(tensors) == 1:  # diffusers' learned_embeds: {"<token>": vectors}
         key, value = next(iter(tensors.items()))
         return [_as_matrix(value, where, key)]
+    from library.models.xti import is_xti_state
+
+    if is_xti_state(state):
+        raise ModelLoadError(f"{where}: an Extended Textual Inversion file (one tensor per UNet layer IN01 ... OUT11); "
+                             "gen_img reads it with --XTI_embeddings, train_textual_inversion_XTI.py continues it "
+                             "with --weights")
     keys = ", ".join(list(map(str, state))[:6]) or "none"
     raise ModelLoadError(f"{where}: unknown embedding layout (keys: {keys}); expected emb_params, "
                          "string_to_param, clip_l + clip_g, or a single tensor")
