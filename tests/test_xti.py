@@ -180,8 +180,8 @@ def test_gen_img_xti_bad_input_one_line_errors(sd1, tiny_model_dir, tmp_path, ca
     assert "file not found" in _error(capsys, [*args, str(tmp_path / "none.safetensors")], tmp_path)
     torch.save({k: torch.zeros(1, width) for k in XTI_LAYERS}, tmp_path / "pickled.pt")
     assert "--allow_pickle" in _error(capsys, [*args, str(tmp_path / "pickled.pt")], tmp_path)
-    assert "already a token" in _error(capsys, [*args, _xti_file(tmp_path / "a.safetensors", [torch.zeros(1, width)] * 16)],
-                                       tmp_path)
+    known = _xti_file(tmp_path / "a.safetensors", [torch.zeros(1, width)] * 16)  # "a" is in the vocabulary
+    assert "already a token" in _error(capsys, [*args, known], tmp_path)
     (tmp_path / "d").mkdir()
     save_file({"emb_params": torch.zeros(1, width)}, str(tmp_path / "d" / "good.safetensors"))
     err = _error(capsys, [*args, good, "--textual_inversion_embeddings", str(tmp_path / "d" / "good.safetensors")],
@@ -312,8 +312,11 @@ def test_xti_samples_during_training_use_every_layer(xti_run):
                                                    weighted=True, keep_mean=True)
     sp = SamplePrompt(prompt=f"a (photo:1.1) of {TOKEN}", width=64, height=64, sample_steps=2, seed=3)
     parts = {"unet": m.unet, "vae": m.vae, "text_encoder": m.text_encoders[0], "tokenizer": m.tokenizers[0]}
-    render = lambda enc: np.asarray(generate(s.family.pipeline_class(), parts, enc, sp, m.scheduler_config,  # noqa: E731
-                                             "ddim", cpu, torch.float32), dtype=np.int16)
+
+    def render(enc) -> np.ndarray:
+        image = generate(s.family.pipeline_class(), parts, enc, sp, m.scheduler_config, "ddim", cpu, torch.float32)
+        return np.asarray(image, dtype=np.int16)
+
     assert encode(["x"]).layers.shape[0] == 16
     per_layer = render(encode)
     assert np.abs(per_layer - render(lambda texts: Conditioning(encode(texts).hidden_states))).max() > 0

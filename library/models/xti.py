@@ -37,7 +37,7 @@ vectors for the token; sdtk also writes metadata naming the token and the vector
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -111,7 +111,7 @@ class PerBlockConditioning:
 
 
 def enable_per_block_conditioning(unet: torch.nn.Module) -> PerBlockConditioning:
-    """Let ``unet`` take per-layer states through ``cross_attention_kwargs[XTI_KWARG]`` (see :func:`per_block_kwargs`)."""
+    """Let ``unet`` take per-layer states in ``cross_attention_kwargs[XTI_KWARG]`` (see :func:`per_block_kwargs`)."""
     return PerBlockConditioning(unet)
 
 
@@ -209,11 +209,6 @@ def read_xti_file(path: str | Path, flag: str, allow_pickle: bool = False) -> to
     return parse_xti_state(state, where)
 
 
-def iter_layers(vectors: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(layer name, [n, D])`` pairs of ``vectors`` ``[16, n, D]``."""
-    return zip(XTI_LAYERS, vectors)
-
-
 def layer_token_names(word: str, n_vectors: int, layer: str) -> list[str]:
     """The tokens that carry ``word``'s vectors for ``layer``: ``word_in01``, ``word_in01_1``, ... (lower case:
     CLIP lower-cases prompts). The ``_1`` suffixes are diffusers' multi-vector names."""
@@ -221,7 +216,7 @@ def layer_token_names(word: str, n_vectors: int, layer: str) -> list[str]:
     return [base] + [f"{base}_{i}" for i in range(1, n_vectors)]
 
 
-__all__: Sequence[str] = [
+__all__ = [
     "XTI_LAYERS", "XTI_KWARG", "LAYER_MODULES", "cross_attention_layers", "enable_per_block_conditioning",
     "per_block_kwargs", "predict_per_block", "xti_state_dict", "parse_xti_state", "read_xti_file",
     "is_xti_state", "layer_token_names",
