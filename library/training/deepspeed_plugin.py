@@ -22,7 +22,8 @@ Differences from kohya, on purpose:
 
 Not supported with ``--deepspeed`` yet: ``--save_state`` / ``--resume`` (sdtk's exact states would
 need every process's optimizer partition), ``--stop_text_encoder_training`` within the run,
-``--fused_backward_pass`` (DeepSpeed steps the optimizer), ``--ema`` and samples under ZeRO-3,
+``--fused_backward_pass`` (DeepSpeed steps the optimizer), ``--ema``, samples and trained text
+encoders under ZeRO-3,
 ``--zero3_init_flag`` (sdtk reads the model from its checkpoint before ZeRO-3 partitions it).
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import logging
 import os
 import socket
@@ -96,6 +96,20 @@ def deepspeed_problems(a: Any) -> list[str]:
     if stage == 3 and getattr(a, "sample_prompts", None):
         problems.append("--sample_prompts cannot be used with --zero_stage 3 (sampling runs on the main process, "
                         "which does not hold the whole model); use --zero_stage 2, or sample the saved model")
+    stop = getattr(a, "stop_text_encoder_training", None)  # train_db.py
+    te_trained = bool(getattr(a, "train_text_encoder", False)) or (
+        hasattr(a, "stop_text_encoder_training") and (stop is None or stop > 0))
+    if stage == 3 and te_trained:
+        # ZeRO-3 gathers a module's weights when its forward starts; transformers' CLIP reads a child's weight
+        # (position_embedding.weight.shape) before calling it, and fails on the empty partition
+        problems.append("--zero_stage 3 trains the UNet only in sdtk (transformers' CLIP text encoders fail on "
+                        "ZeRO-3's partitioned weights); use --zero_stage 2, or do not train the text encoder "
+                        "(train_db.py: --stop_text_encoder_training -1; fine_tune.py / sdxl_train.py: without "
+                        "--train_text_encoder)")
+    if stop is not None and stop > 0 and (getattr(a, "max_train_epochs", None) or stop < a.max_train_steps):
+        problems.append(f"--stop_text_encoder_training {stop} cannot be used with --deepspeed yet (the text encoder "
+                        "cannot leave DeepSpeed's optimizer); train it for the whole run or not at all "
+                        "(--stop_text_encoder_training -1)")
     if getattr(a, "torch_compile", False):
         problems.append("--torch_compile cannot be used with --deepspeed in sdtk yet; drop one of them")
     return problems
@@ -103,8 +117,10 @@ def deepspeed_problems(a: Any) -> list[str]:
 
 def require_deepspeed() -> None:
     """Raise one clear line when the DeepSpeed package is missing."""
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"--deepspeed needs the DeepSpeed package, which is not installed: {INSTALL_HINT}")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"--deepspeed needs the DeepSpeed package, which is not installed: {INSTALL_HINT}") from e
 
 
 def ensure_process_env() -> None:
@@ -125,10 +141,10 @@ def ensure_process_env() -> None:
 
 
 def make_plugin(a: Any) -> Any:
-    """accelerate's ``DeepSpeedPlugin`` from the flags (kohya's ``prepare_deepspeed_plugin``)."""
+    """accelerate's ``DeepSpeedPlugin`` from the flags (kohya's ``prepare_deepspeed_plugin``; the flags are
+    checked by :func:`deepspeed_problems` first). Sets a one-process group's environment when none is set."""
     from accelerate import DeepSpeedPlugin
 
-    require_deepspeed()
     ensure_process_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = max(1, a.gradient_accumulation_steps)

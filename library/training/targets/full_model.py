@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from library.errors import ConfigError, TrainingError
+from library.errors import TrainingError
 from library.training.targets import TrainingTarget
 from library.training.targets.full_saving import SaveFormat, full_model_metadata, save_full_model
 from library.training.targets.prepare import frozen_te_dtype, place_models
@@ -105,11 +105,6 @@ class FullModelTarget(TrainingTarget):
 
     def session_ready(self, s: Any) -> None:
         stop = self.stop_te_step
-        if self.train_text_encoder and stop is not None and stop < s.max_train_steps and \
-                s.deepspeed_engine is not None:  # DeepSpeed's optimizer holds the groups flattened
-            raise ConfigError(f"--stop_text_encoder_training {stop} cannot be used with --deepspeed yet (the text "
-                              "encoder cannot leave DeepSpeed's optimizer); train it for the whole run or not at all "
-                              "(--stop_text_encoder_training -1)")
         if self.train_text_encoder and stop is not None and stop >= s.max_train_steps:
             logger.warning("--stop_text_encoder_training %d is not before the end of training (%d steps): the text "
                            "encoder is trained for the whole run", stop, s.max_train_steps)
