@@ -55,6 +55,23 @@ def test_layer_names_match_kohyas_original_layout():
     assert list(LAYER_MODULES) == list(XTI_LAYERS) and len(set(LAYER_MODULES.values())) == 16
 
 
+def test_full_size_sd15_unet_has_the_16_layers_and_sdxl_is_refused():
+    """The real SD1.5 architecture (built on the meta device: no weights) has kohya's 16 layers, taking CLIP-L's
+    768-wide states; SDXL's layout is refused."""
+    from diffusers import UNet2DConditionModel
+
+    from library.models.loading import shipped_model_config
+
+    unets = {}
+    for family in (Family.SD1, Family.SDXL):
+        with torch.device("meta"):
+            unets[family] = UNet2DConditionModel.from_config(shipped_model_config(family, False)["unet"])
+    layers = cross_attention_layers(unets[Family.SD1])
+    assert [m.transformer_blocks[0].attn2.to_k.in_features for m in layers] == [768] * 16
+    with pytest.raises(ConfigError, match="this UNet has 11 transformer blocks"):
+        cross_attention_layers(unets[Family.SDXL])
+
+
 def test_equal_states_equal_the_plain_unet_bit_for_bit_and_each_layer_matters():
     unet = build_tiny_model(Family.SD1).unet
     x, t, c = _inputs()
