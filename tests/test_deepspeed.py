@@ -256,3 +256,51 @@ def test_zero3_two_processes_equal_one_with_double_batch(tiny_model_dir, data, t
     for name in ("db-step00000002.safetensors", "db.safetensors"):
         _assert_close_and_trained(load_file(ds / name), load_file(plain / name), source_weights)
     assert sorted(p.name for p in ds.iterdir()) == ["db-step00000002.safetensors", "db.safetensors"]
+
+
+@pytest.mark.integration
+@needs_deepspeed
+def test_bf16_keeps_half_weights_with_float32_masters(tiny_model_dir, data, tmp_path, source_weights):
+    """--mixed_precision bf16: DeepSpeed trains bf16 modules (autocast forward) with float32 master weights;
+    the saved weights are the bf16 copies, so they differ from a float32 run by bf16 rounding only."""
+    model = tiny_model_dir("sd1")
+    common = ("--save_model_as", "safetensors", *_SGD, "--train_batch_size", "2", "--stop_text_encoder_training", "-1",
+              "--save_precision", "float")
+    plain = tmp_path / "plain"
+    assert run_db(db_argv(model, data, plain, *common, steps=3)) == 0
+    ds = tmp_path / "ds"
+    _run([sys.executable, str(ROOT / "train_db.py"),
+          *db_argv(model, data, ds, *common, "--deepspeed", "--zero_stage", "2", "--mixed_precision", "bf16", steps=3)])
+    import torch
+
+    ours, ref = load_file(ds / "db.safetensors"), load_file(plain / "db.safetensors")
+    unet = [k for k in ref if k.startswith("model.diffusion_model.")]
+    for k in unet:
+        assert torch.equal(ours[k], ours[k].to(torch.bfloat16).float()), f"{k} is not a bf16 copy"
+        # bf16 roundings of the weights (8-bit mantissa) and of the bf16 gradients (a few % of the update)
+        update = (ref[k] - source_weights[k]).abs().max().item()
+        bound = 2 ** -7 * ref[k].abs().max().item() + 0.1 * update + 1e-7
+        assert (ours[k] - ref[k]).abs().max().item() <= bound, k
+
+
+@pytest.mark.integration
+@needs_deepspeed
+def test_cpu_optimizer_offload_follows_the_lr_schedule(tiny_model_dir, data, tmp_path, source_weights):
+    """--offload_optimizer_device cpu: accelerate swaps AdamW for DeepSpeed's CPU Adam (built on first use,
+    ~1.5 min); sdtk's linear LR schedule must reach it, so the result is the plain AdamW run's."""
+    model = tiny_model_dir("sd1")
+    common = ("--save_model_as", "safetensors", "--learning_rate", "1e-3", "--optimizer_type", "AdamW",
+              "--lr_scheduler", "linear", "--train_batch_size", "2", "--stop_text_encoder_training", "-1")
+    plain = tmp_path / "plain"
+    assert run_db(db_argv(model, data, plain, *common, steps=3)) == 0
+    ds = tmp_path / "ds"
+    _run([sys.executable, str(ROOT / "train_db.py"),
+          *db_argv(model, data, ds, *common, "--deepspeed", "--zero_stage", "2", "--offload_optimizer_device", "cpu",
+                   steps=3)])
+    ours, ref = load_file(ds / "db.safetensors"), load_file(plain / "db.safetensors")
+    diff = [(ours[k] - ref[k]).abs() for k in ref]
+    moved = [(ref[k] - source_weights[k]).abs() for k in ref]
+    mean = lambda ts: sum(t.sum().item() for t in ts) / sum(t.numel() for t in ts)  # noqa: E731
+    # Adam turns float32 noise near its eps into a few visible differences (see _SGD), hence mean and max bounds
+    assert mean(diff) <= 1e-3 * mean(moved), (mean(diff), mean(moved))
+    assert max(t.max().item() for t in diff) <= 0.1 * max(t.max().item() for t in moved)
