@@ -6,6 +6,8 @@ import hashlib
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,16 +27,32 @@ def run_script(script: str, *args: object, timeout: float = 400) -> str:
 
     Returns the combined stdout and stderr.
     """
+    return run_script_peak(script, *args, timeout=timeout)[0]
+
+
+def run_script_peak(script: str, *args: object, timeout: float = 400) -> tuple[str, float]:
+    """:func:`run_script`, also returning the script's peak resident memory in GiB (``wait4``'s ``ru_maxrss``)."""
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     t0 = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=script_env())
-    out = p.stdout + p.stderr
-    print(f"{script}: {time.monotonic() - t0:.0f} s")
+    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
+        p = subprocess.Popen(cmd, cwd=ROOT, stdout=fo, stderr=fe, env=script_env())
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        try:
+            _, status, usage = os.wait4(p.pid, 0)  # the child's own rusage, unlike subprocess.run
+        finally:
+            timer.cancel()
+        p.returncode = returncode = os.waitstatus_to_exitcode(status)
+        fo.seek(0)
+        fe.seek(0)
+        out = fo.read().decode("utf-8", "replace") + fe.read().decode("utf-8", "replace")
+    peak = usage.ru_maxrss / 2**20  # KiB on Linux
+    print(f"{script}: {time.monotonic() - t0:.0f} s, peak RSS {peak:.1f} GiB")
     tail = "\n".join(out.splitlines()[-40:])
-    assert p.returncode == 0, f"{script} exited {p.returncode}:\n{tail}"
+    assert returncode == 0, f"{script} exited {returncode}:\n{tail}"
     assert "Traceback" not in out, f"{script} printed a traceback:\n{out[-6000:]}"
     assert "loss=nan" not in out and "loss=inf" not in out, f"{script}: non-finite loss:\n{tail}"
-    return out
+    return out, peak
 
 
 def train_args(model: Path, data: Path, out: Path, name: str, *extra: object) -> list[object]:
