@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,23 +30,35 @@ def run_script(script: str, *args: object, timeout: float = 400) -> str:
     return run_script_peak(script, *args, timeout=timeout)[0]
 
 
+# The script runs under a small Python parent that reports its peak: a child of pytest would inherit
+# pytest's own high-water mark in ru_maxrss (Linux carries it across fork and exec), this one only
+# the small parent's.
+_PEAK_PARENT = ("import os, subprocess, sys\n"
+                "p = subprocess.Popen(sys.argv[2:])\n"
+                "_, status, usage = os.wait4(p.pid, 0)\n"
+                "p.returncode = code = os.waitstatus_to_exitcode(status)\n"
+                "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+                "sys.exit(code if code >= 0 else 128 - code)\n")
+
+
 def run_script_peak(script: str, *args: object, timeout: float = 400) -> tuple[str, float]:
-    """:func:`run_script`, also returning the script's peak resident memory in GiB (``wait4``'s ``ru_maxrss``)."""
+    """:func:`run_script`, also returning the script's peak resident memory in GiB."""
     cmd = [sys.executable, str(ROOT / script), *map(str, args)]
     t0 = time.monotonic()
-    with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
-        p = subprocess.Popen(cmd, cwd=ROOT, stdout=fo, stderr=fe, env=script_env())
-        timer = threading.Timer(timeout, p.kill)
-        timer.start()
-        try:
-            _, status, usage = os.wait4(p.pid, 0)  # the child's own rusage, unlike subprocess.run
-        finally:
-            timer.cancel()
-        p.returncode = returncode = os.waitstatus_to_exitcode(status)
-        fo.seek(0)
-        fe.seek(0)
-        out = fo.read().decode("utf-8", "replace") + fe.read().decode("utf-8", "replace")
-    peak = usage.ru_maxrss / 2**20  # KiB on Linux
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        with open(Path(tmp) / "out", "w+b") as fo, open(Path(tmp) / "err", "w+b") as fe:
+            p = subprocess.Popen([sys.executable, "-c", _PEAK_PARENT, str(peak_file), *cmd], cwd=ROOT, stdout=fo,
+                                 stderr=fe, env=script_env(), start_new_session=True)
+            try:
+                returncode = p.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)  # the script too, not only its parent
+                returncode = p.wait()
+            fo.seek(0)
+            fe.seek(0)
+            out = fo.read().decode("utf-8", "replace") + fe.read().decode("utf-8", "replace")
+        peak = int(peak_file.read_text()) / 2**20 if peak_file.exists() else float("nan")  # KiB on Linux
     print(f"{script}: {time.monotonic() - t0:.0f} s, peak RSS {peak:.1f} GiB")
     tail = "\n".join(out.splitlines()[-40:])
     assert returncode == 0, f"{script} exited {returncode}:\n{tail}"
