@@ -85,7 +85,8 @@ def test_block_lr_and_cached_text_encoder_outputs_from_metadata(tiny_model_dir, 
     assert not _changed(src.text_encoders[1], ours.text_encoders[1])
 
 
-@pytest.mark.parametrize("case", ["block_lr_count", "sd1_model", "cache_with_te", "fused_adamw", "fused_accum"])
+@pytest.mark.parametrize("case", ["block_lr_count", "sd1_model", "cache_with_te", "fused_prodigy", "fused_accum",
+                                  "fused_both", "groups_zero"])
 def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model_dir, data, tmp_path, capsys):
     out = tmp_path / "out"
     model = tiny_model_dir("sdxl")
@@ -96,8 +97,13 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tiny_model_dir, data, tm
         model, expect = tiny_model_dir("sd1"), "is an SD1.x model; use train_db.py or fine_tune.py"
     elif case == "cache_with_te":
         extra, expect = ["--cache_text_encoder_outputs", "--train_text_encoder"], "cannot be used with --train_text_encoder"
-    elif case == "fused_adamw":
-        extra, expect = ["--fused_backward_pass"], "--fused_backward_pass works with --optimizer_type Adafactor only"
+    elif case == "fused_prodigy":
+        extra = ["--fused_optimizer_groups", "4", "--optimizer_type", "Prodigy"]
+        expect = "--fused_optimizer_groups works with --optimizer_type Adafactor, AdamW, Lion or SGDNesterov"
+    elif case == "fused_both":
+        extra, expect = ["--fused_backward_pass", "--fused_optimizer_groups", "4"], "give one"
+    elif case == "groups_zero":
+        extra, expect = ["--fused_optimizer_groups", "0"], "--fused_optimizer_groups"
     else:
         extra = ["--fused_backward_pass", "--optimizer_type", "Adafactor", "--gradient_accumulation_steps", "2"]
         expect = "--fused_backward_pass cannot be used with --gradient_accumulation_steps > 1"
@@ -124,3 +130,35 @@ def test_fused_backward_pass_equals_the_plain_step_and_resumes(tiny_model_dir, d
     assert run_sdxl_train(argv_for(folder, data, tmp_path / "resumed", *common, "--fused_backward_pass", "--resume",
                                    str(tmp_path / "fused" / "xl-step00000001-state"), steps=3)) == 0
     assert_same_tensors(fused, load_file(tmp_path / "resumed" / "xl.safetensors"))
+
+
+def test_fused_optimizer_groups_equal_the_plain_step_and_resume(tiny_model_dir, data, tmp_path):
+    """kohya's --fused_optimizer_groups: groups of parameters stepped in the backward pass once their
+    gradients are in give AdamW's plain weights (no clipping: fused clips per tensor); the text
+    encoders' unused last layers (penultimate states) leave partial groups, stepped at the end; a
+    grouped run resumes bit-identically; --fused_backward_pass with AdamW gives the same weights."""
+    from safetensors.torch import load_file
+
+    folder = tiny_model_dir("sdxl")
+    common = ("--optimizer_type", "AdamW", "--max_grad_norm", "0", "--train_text_encoder",
+              "--save_model_as", "safetensors")
+    assert run_sdxl_train(argv_for(folder, data, tmp_path / "plain", *common, steps=3)) == 0
+    assert run_sdxl_train(argv_for(folder, data, tmp_path / "groups", *common, "--fused_optimizer_groups", "5",
+                                   "--save_every_n_steps", "1", "--save_state", steps=3)) == 0
+    plain, grouped = (load_file(tmp_path / d / "xl.safetensors") for d in ("plain", "groups"))
+    assert_same_tensors(plain, grouped)
+    assert run_sdxl_train(argv_for(folder, data, tmp_path / "resumed", *common, "--fused_optimizer_groups", "5",
+                                   "--resume", str(tmp_path / "groups" / "xl-step00000001-state"), steps=3)) == 0
+    assert_same_tensors(grouped, load_file(tmp_path / "resumed" / "xl.safetensors"))
+    assert run_sdxl_train(argv_for(folder, data, tmp_path / "fused", *common, "--fused_backward_pass", steps=3)) == 0
+    assert_same_tensors(plain, load_file(tmp_path / "fused" / "xl.safetensors"))
+
+
+def test_split_groups_follows_kohya():
+    """ceil(total / n) parameters per group, in order, and a new group at each learning-rate change."""
+    from library.training.targets.fused_backward import split_groups
+
+    ps = [torch.nn.Parameter(torch.zeros(1)) for _ in range(7)]
+    groups = split_groups([{"params": ps[:5], "lr": 1.0}, {"params": ps[5:], "lr": 2.0}], 3)
+    assert [(len(g["params"]), g["lr"]) for g in groups] == [(3, 1.0), (2, 1.0), (2, 2.0)]
+    assert [p for g in groups for p in g["params"]] == ps

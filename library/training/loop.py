@@ -203,8 +203,10 @@ def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
             recorder.add(pos, loss_value)
             if not sync:
                 continue
-            # --fused_backward_pass: done per parameter in the backward pass; --deepspeed: by DeepSpeed
-            if not target.steps_in_backward and s.deepspeed_engine is None:
+            # --fused_backward_pass / --fused_optimizer_groups: done in the backward pass; --deepspeed: by DeepSpeed
+            if target.steps_in_backward:
+                target.finish_backward(s)
+            elif s.deepspeed_engine is None:
                 if acc.num_processes > 1:
                     _all_reduce_grads(s.trainable_params)
                 if a.max_grad_norm:

@@ -38,9 +38,11 @@ FLAGS = in_group("full model", [
       "blocks, 3 middle, 9 output, out); 0 leaves a block untrained.", scripts=("sdxl_train",)),
     F("--fused_backward_pass", bool, False, DONE,
       "Apply the optimizer step inside the backward pass, so no full set of gradients is held "
-      "(Adafactor; not with gradient accumulation).", scripts=("sdxl_train",)),
-    F("--fused_optimizer_groups", int, None, unsupported("deprecated in kohya; use --fused_backward_pass"),
-      "Split the optimizer into N groups stepped during the backward pass.", scripts=("sdxl_train",)),
+      "(Adafactor, AdamW, Lion, SGDNesterov; not with gradient accumulation).", scripts=("sdxl_train",)),
+    F("--fused_optimizer_groups", int, None, DONE,
+      "Split the trained parameters into about N optimizer groups, each stepped during the backward "
+      "pass once its gradients are complete (about 1/N of the gradients held; same optimizers as "
+      "--fused_backward_pass).", check=at_least(1), scripts=("sdxl_train",)),
     F("--stop_text_encoder_training", int, None, DONE,
       "Stop training the text encoder after N steps (it is frozen and leaves the optimizer); "
       "-1: never train it. Default: train it for the whole run.", check=at_least(-1), scripts=("train_db",)),

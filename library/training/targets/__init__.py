@@ -32,7 +32,8 @@ class TrainingTarget(ABC):
         train_text_encoder: text encoder(s) (or adapters on them) are trained now.
         module: the module whose train/eval mode sampling and validation toggle.
         steps_in_backward: the optimizer steps each parameter during the backward pass
-            (``--fused_backward_pass``), so the loop neither reduces, clips nor steps.
+            (``--fused_backward_pass``, ``--fused_optimizer_groups``), so the loop neither reduces, clips
+            nor steps.
     """
 
     train_unet: bool = True
@@ -66,6 +67,10 @@ class TrainingTarget(ABC):
 
     def on_step_start(self, s: Any) -> None:
         """Called before each forward pass."""
+
+    def finish_backward(self, s: Any) -> None:
+        """With :attr:`steps_in_backward`: called after each window's last backward pass, before the
+        learning-rate schedule steps (step what the backward hooks left)."""
 
     def after_optimizer_step(self, s: Any, global_step: int) -> tuple[dict[str, float], dict[str, str]]:
         """Called after each optimizer step with the new step count; returns tracker logs and

@@ -93,6 +93,13 @@ class FullModelTarget(TrainingTarget):
             self._te_group_ids.append(len(self._groups))
             self._groups.append({"params": list(te.parameters()),
                                  "lr": plan.lr if plan.lr is not None else a.learning_rate})
+        if getattr(a, "fused_optimizer_groups", None):
+            from library.training.targets.fused_backward import split_groups
+
+            if self._te_group_ids and self.stop_te_step is not None:
+                raise TrainingError("--fused_optimizer_groups cannot stop text-encoder training during the run")
+            self._groups = split_groups(self._groups, a.fused_optimizer_groups)
+            self._te_group_ids = []
         self.module = torch.nn.ModuleList(list(self._trained.values()))
         if getattr(a, "ema", False):
             from library.training.targets.ema import EmaWeights
@@ -114,8 +121,10 @@ class FullModelTarget(TrainingTarget):
         frozen = [t for mod in [m.unet, *m.text_encoders] for t in mod.parameters()]
         if next(m.vae.parameters()).device == s.accelerator.device:
             frozen += list(m.vae.parameters())
+        groups = getattr(self.args, "fused_optimizer_groups", None)
         self.memory = memory_plan(self.trainable_params(), frozen, self.args.optimizer_type,
-                                  bool(getattr(self.args, "fused_backward_pass", False)), self.ema is not None)
+                                  bool(getattr(self.args, "fused_backward_pass", False)), self.ema is not None,
+                                  grad_groups=len(self._groups) if groups else 1)
         logger.info(describe(self.memory))
         if getattr(self.args, "fused_backward_pass", False):
             from library.training.targets import fused_backward
@@ -123,6 +132,18 @@ class FullModelTarget(TrainingTarget):
             fused_backward.attach(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes)
             self.steps_in_backward = True
             logger.info("--fused_backward_pass: each parameter is stepped during the backward pass")
+        elif groups:
+            from library.training.targets.fused_backward import GroupStepper
+
+            self._stepper = GroupStepper(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes)
+            self.steps_in_backward = True
+            logger.info("--fused_optimizer_groups %d: %d optimizer groups, each stepped during the backward pass "
+                        "once its gradients are complete", groups, len(self._groups))
+
+    def finish_backward(self, s: Any) -> None:
+        stepper = getattr(self, "_stepper", None)
+        if stepper is not None:
+            stepper.finish_backward()
 
     # ---------------------------------------------------------------- per step
     def after_optimizer_step(self, s: Any, global_step: int) -> tuple[dict[str, float], dict[str, str]]:
@@ -181,6 +202,7 @@ class FullModelTarget(TrainingTarget):
     def signature(self, s: Any) -> dict[str, Any]:
         return {"target": "full_model", "trained": sorted(self._trained),
                 "stop_text_encoder_training": self.stop_te_step,
+                "fused_optimizer_groups": getattr(self.args, "fused_optimizer_groups", None),
                 "ema_decay": self.ema.decay if self.ema is not None else None,
                 "trained_keys": sum(len(m.state_dict()) for m in self._trained.values())}
 

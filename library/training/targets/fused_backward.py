@@ -1,40 +1,59 @@
-"""``--fused_backward_pass``: each parameter is stepped by the optimizer as soon as its gradient is
-complete, inside the backward pass, and its gradient is freed at once — so a full set of gradients
-never exists (kohya's SDXL fine-tune memory trick; the weights' size in gradients is saved).
+"""Optimizer steps inside the backward pass, so a full set of gradients never exists (kohya's SDXL
+fine-tune memory tricks).
 
-How: a post-accumulate-grad hook per trained parameter (1) sums the gradient over processes,
-(2) clips it on its own to ``--max_grad_norm`` (kohya clips per tensor here too, not the global
-norm), (3) runs the optimizer's normal ``step`` on a parameter group narrowed to that one
-parameter, and (4) drops the gradient. The optimizer's state is the same as without fusing, so
-states save and resume as usual. Only optimizers whose update of a tensor depends on that tensor
-alone can be fused; sdtk allows Adafactor, as kohya does.
+``--fused_backward_pass``: each parameter is stepped as soon as its gradient is complete and its
+gradient is freed at once (the weights' size in gradients is saved). A post-accumulate-grad hook
+per trained parameter (1) sums the gradient over processes, (2) clips it on its own to
+``--max_grad_norm`` (kohya clips per tensor here too, not the global norm), (3) runs the
+optimizer's normal ``step`` on a parameter group narrowed to that one parameter, and (4) drops
+the gradient.
+
+``--fused_optimizer_groups N``: the trained parameters are split into about N groups as kohya
+splits them (in order, a new group at every learning-rate change); a group is stepped, and its
+gradients freed, once every one of its parameters has its gradient (so about 1/N of the
+gradients are held). kohya makes one optimizer per group; sdtk keeps one optimizer whose groups
+are those chunks, which is the same for the per-tensor optimizers allowed here. A group some of
+whose parameters got no gradient in a step (a text encoder's last layer when its penultimate
+states are used) is stepped at the end of the backward pass (kohya never steps such a group).
+
+The optimizer's state is the same as without fusing, so states save and resume as usual. Only
+optimizers whose update of a tensor depends on that tensor alone (and which count steps per
+tensor) can be fused: Adafactor (kohya's only choice), AdamW, Lion and SGDNesterov.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from library.errors import ConfigError
 
-FUSABLE_OPTIMIZERS = ("adafactor",)
+FUSABLE_OPTIMIZERS = ("adafactor", "adamw", "lion", "sgdnesterov")
+_FUSABLE_TEXT = "Adafactor, AdamW, Lion or SGDNesterov"
 
 
 def fused_backward_problems(args: Any) -> list[str]:
-    """kohya's conditions for ``--fused_backward_pass`` (empty when fine)."""
-    if not getattr(args, "fused_backward_pass", False):
+    """The conditions of ``--fused_backward_pass`` / ``--fused_optimizer_groups`` (empty when fine)."""
+    groups = getattr(args, "fused_optimizer_groups", None)
+    fused = bool(getattr(args, "fused_backward_pass", False))
+    if not fused and not groups:
         return []
+    flag = "--fused_backward_pass" if fused else "--fused_optimizer_groups"
     problems = []
+    if fused and groups:
+        problems.append("--fused_backward_pass and --fused_optimizer_groups are two ways of stepping inside the "
+                        "backward pass: give one")
     name = (args.optimizer_type or "AdamW").rsplit(".", 1)[-1].lower()
     if name not in FUSABLE_OPTIMIZERS:
-        problems.append(f"--fused_backward_pass works with --optimizer_type Adafactor only (got {args.optimizer_type or 'AdamW'}): "
-                        "its per-tensor update can run inside the backward pass")
+        problems.append(f"{flag} works with --optimizer_type {_FUSABLE_TEXT} (got {args.optimizer_type or 'AdamW'}): "
+                        "their per-tensor update can run inside the backward pass")
     if args.gradient_accumulation_steps > 1:
-        problems.append("--fused_backward_pass cannot be used with --gradient_accumulation_steps > 1 (each gradient is "
+        problems.append(f"{flag} cannot be used with --gradient_accumulation_steps > 1 (each gradient is "
                         "applied as soon as it is computed)")
     if args.mixed_precision == "fp16":
-        problems.append("--fused_backward_pass cannot be used with --mixed_precision fp16 (the loss-scaled gradients "
+        problems.append(f"{flag} cannot be used with --mixed_precision fp16 (the loss-scaled gradients "
                         "would be applied unscaled); use bf16")
     return problems
 
@@ -78,3 +97,66 @@ def _hook(optimizer: torch.optim.Optimizer, group_index: int, max_grad_norm: flo
         p.grad = None
 
     return step_now
+
+
+def split_groups(groups: list[dict[str, Any]], n_groups: int) -> list[dict[str, Any]]:
+    """kohya's ``--fused_optimizer_groups`` split: the parameters in order, ``ceil(total / n)`` per
+    group, and a new group wherever the learning rate changes (so there can be more than ``n``)."""
+    params = [(p, g) for g in groups for p in g["params"]]
+    per_group = math.ceil(len(params) / n_groups) if params else 1
+    out: list[dict[str, Any]] = []
+    for p, g in params:
+        if not out or out[-1]["lr"] != g["lr"] or len(out[-1]["params"]) == per_group:
+            out.append({**{k: v for k, v in g.items() if k != "params"}, "params": []})
+        out[-1]["params"].append(p)
+    return out
+
+
+class GroupStepper:
+    """``--fused_optimizer_groups``: step each optimizer group once all its gradients are in."""
+
+    def __init__(self, optimizer: Any, max_grad_norm: float | None, world: int):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self.max_grad_norm, self.world = max_grad_norm, world
+        self.sizes = [sum(p.requires_grad for p in g["params"]) for g in self.optimizer.param_groups]
+        self.ready = [0] * len(self.sizes)
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook(gi))
+                        for gi, g in enumerate(self.optimizer.param_groups) for p in g["params"] if p.requires_grad]
+
+    def _hook(self, group_index: int):
+        def arrived(p: torch.Tensor) -> None:
+            if p.grad is None:
+                return
+            if self.world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(p.grad)
+            if self.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
+            self.ready[group_index] += 1
+            if self.ready[group_index] == self.sizes[group_index]:
+                self.step_group(group_index)
+
+        return arrived
+
+    def step_group(self, group_index: int) -> None:
+        """Step one group (the others narrowed to nothing) and free its gradients."""
+        opt = self.optimizer
+        saved = [g["params"] for g in opt.param_groups]
+        try:
+            for i, g in enumerate(opt.param_groups):
+                if i != group_index:
+                    g["params"] = []
+            opt.step()
+        finally:
+            for g, params in zip(opt.param_groups, saved):
+                g["params"] = params
+        for p in opt.param_groups[group_index]["params"]:
+            p.grad = None
+        self.ready[group_index] = 0
+
+    def finish_backward(self) -> None:
+        """Step the groups that got only some of their gradients (parameters unused this step)."""
+        for gi, n in enumerate(self.ready):
+            if n:
+                self.step_group(gi)

@@ -8,6 +8,7 @@ depend on the batch, resolution and ``--gradient_checkpointing``.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -28,7 +29,7 @@ def state_bytes_per_element(optimizer_type: str | None) -> float:
 
 
 def memory_plan(trained: Iterable[torch.nn.Parameter], frozen: Iterable[torch.Tensor], optimizer_type: str | None,
-                fused: bool, ema: bool) -> dict[str, Any]:
+                fused: bool, ema: bool, grad_groups: int = 1) -> dict[str, Any]:
     """``{"weights": {dtype: bytes}, "gradients": bytes, "optimizer": bytes, "ema": bytes, "total": bytes}``."""
     weights: dict[str, int] = defaultdict(int)
     trained = list(trained)
@@ -39,7 +40,8 @@ def memory_plan(trained: Iterable[torch.nn.Parameter], frozen: Iterable[torch.Te
         if id(t) not in seen:
             weights[f"frozen {str(t.dtype).removeprefix('torch.')}"] += t.numel() * t.element_size()
     n = sum(p.numel() for p in trained)
-    grads = 0 if fused else sum(p.numel() * p.element_size() for p in trained)
+    # --fused_optimizer_groups: about one group's gradients are held at a time
+    grads = 0 if fused else math.ceil(sum(p.numel() * p.element_size() for p in trained) / grad_groups)
     plan = {"weights": dict(weights), "gradients": grads, "optimizer": int(n * state_bytes_per_element(optimizer_type)),
             "ema": 4 * n if ema else 0, "trained_elements": n}
     plan["total"] = sum(weights.values()) + grads + plan["optimizer"] + plan["ema"]
