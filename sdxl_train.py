@@ -103,9 +103,6 @@ class SdxlTrainer(FullModelTrainer, SdxlNetworkTrainer):
         if a.fp8_base:
             raise ConfigError("--fp8_base stores a frozen UNet in float8; sdxl_train.py trains the UNet itself")
         parse_block_lr(a.block_lr)
-        from library.training.targets.fused_backward import require_fusable
-
-        require_fusable(a)
         FullModelTrainer.preflight(self)
         if a.cache_text_encoder_outputs:  # per-subset caption options must not change the captions either
             from library.config.dataset_config import build_blueprint_for_args

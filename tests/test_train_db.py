@@ -238,3 +238,17 @@ def test_ema_is_saved_sampled_and_resumed(tiny_model_dir, data, tmp_path, capsys
                           steps=2)) == 0
     again = load_models(str(resumed / "db")).unet.state_dict()
     assert_same_tensors(saved, again)
+
+
+def test_fused_backward_pass_with_adamw_equals_the_plain_step(tiny_model_dir, data, tmp_path):
+    """Beyond kohya (whose train_db ignores --fused_backward_pass): AdamW stepped per tensor inside the
+    backward pass, text encoder stopped mid-run, gives the plain run's weights bit for bit (no clipping:
+    fused clips per tensor)."""
+    train, reg = data
+    model = tiny_model_dir("sd1")
+    common = ("--optimizer_type", "AdamW", "--max_grad_norm", "0", "--stop_text_encoder_training", "2",
+              "--save_model_as", "safetensors")
+    assert run_db(db_argv(model, train, tmp_path / "plain", *common, steps=3, reg=reg)) == 0
+    assert run_db(db_argv(model, train, tmp_path / "fused", *common, "--fused_backward_pass", steps=3, reg=reg)) == 0
+    plain, fused = (load_file(tmp_path / d / "db.safetensors") for d in ("plain", "fused"))
+    assert_same_tensors(plain, fused)

@@ -38,7 +38,8 @@ FLAGS = in_group("full model", [
       "blocks, 3 middle, 9 output, out); 0 leaves a block untrained.", scripts=("sdxl_train",)),
     F("--fused_backward_pass", bool, False, DONE,
       "Apply the optimizer step inside the backward pass, so no full set of gradients is held "
-      "(Adafactor, AdamW, Lion, SGDNesterov; not with gradient accumulation).", scripts=("sdxl_train",)),
+      "(Adafactor, AdamW, Lion, SGDNesterov; not with gradient accumulation; kohya: sdxl_train only).",
+      scripts=FULL_TRAINERS),
     F("--fused_optimizer_groups", int, None, DONE,
       "Split the trained parameters into about N optimizer groups, each stepped during the backward "
       "pass once its gradients are complete (about 1/N of the gradients held; same optimizers as "

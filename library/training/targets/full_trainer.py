@@ -101,8 +101,12 @@ class FullModelTrainer(Trainer):
 
     # ------------------------------------------------------------------ checks before loading
     def preflight(self) -> None:
-        """The model's family (named script for another family) and the final output path's kind."""
+        """The model's family (named script for another family), the final output path's kind and the
+        fused-step conditions."""
+        from library.training.targets.fused_backward import require_fusable
+
         a = self.args
+        require_fusable(a)
         family = detect_family(a.pretrained_model_name_or_path, bool(getattr(a, "allow_pickle", False)))
         if family is not None and family not in self.expected_families():
             hint = self.other_scripts.get(family, "another script")
