@@ -221,17 +221,20 @@ def main() -> None:
             if n1 in walls[t] and n2 in walls[t]:
                 s = (walls[t][n2] - walls[t][n1]) / (n2 - n1)
                 slopes[t].append(s)
-                fixed[t].append(walls[t][n1] - n1 * s)
+                if s > 0:  # from a slope <= 0 (noise) the fixed cost means nothing either
+                    fixed[t].append(walls[t][n1] - n1 * s)
         if all(len(slopes[t]) == r for t in tools):
-            print(f"round {r}: s/step kohya {slopes['kohya'][-1]:.2f} sdtk {slopes['sdtk'][-1]:.2f} "
-                  f"ratio {slopes['sdtk'][-1] / slopes['kohya'][-1]:.2f}", flush=True)
+            k, d = slopes["kohya"][-1], slopes["sdtk"][-1]
+            why = f"{d / k:.2f}" if k > 0 and d > 0 else "invalid (a slope <= 0: the machine's noise)"
+            print(f"round {r}: s/step kohya {k:.2f} sdtk {d:.2f} ratio {why}", flush=True)
     record["after"] = machine_state()
     med = lambda v: sorted(v)[len(v) // 2] if v else None  # noqa: E731
     runs = record["runs"]  # type: ignore[assignment]
     rss = {t: max((x["peak_rss_mb"] for x in runs if x["tool"] == t and x["rc"] == 0), default=None) for t in tools}
     s, f = {t: med(slopes[t]) for t in tools}, {t: med(fixed[t]) for t in tools}
     # the ratio within one round (both tools ran minutes apart) is steadier than a ratio of medians
-    per_round = sorted(b / x for x, b in zip(slopes["kohya"], slopes["sdtk"]) if x > 0)
+    # a slope <= 0 (the longer run was faster) is the machine's noise: that round gives no ratio
+    per_round = sorted(b / x for x, b in zip(slopes["kohya"], slopes["sdtk"]) if x > 0 and b > 0)
     record.update(slopes=slopes, fixed_cost=fixed, peak_rss_mb=rss, failed=failed, per_round_ratios=per_round,
                   ratios={"s_per_step": med(per_round),
                           "peak_rss": rss["sdtk"] / rss["kohya"] if rss["sdtk"] and rss["kohya"] else None,
