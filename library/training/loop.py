@@ -22,7 +22,7 @@ from library.training import noise as N
 from library.training import saving as S
 from library.training.data import iterate_epoch
 from library.training.deepspeed_plugin import backward as ds_backward
-from library.training.optimizers import adaptive_lr_logs, eval_mode, set_train_mode
+from library.training.optimizers import adaptive_lr_logs, eval_mode, load_optimizer_state, set_train_mode
 from library.training.progress import LossRecorder, init_trackers, make_progress_bar
 from library.training.state import (Progress, TrainState, capture_rng, load_state, restore_rng, save_state,
                                     start_progress)
@@ -58,7 +58,7 @@ def resume(s: Any) -> Progress:
     st = load_state(s.args.resume, run_signature(s))
     s.target.load_state_dict(st.network, s.args.resume)
     s.target.before_resume(s, st.progress.global_step)
-    s.optimizer.load_state_dict(st.optimizer)
+    load_optimizer_state(s.optimizer, st.optimizer)
     s.lr_scheduler.load_state_dict(st.scheduler)
     scaler = getattr(s.accelerator, "scaler", None)
     if scaler is not None and st.scaler is not None:

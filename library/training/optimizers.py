@@ -218,3 +218,22 @@ def _import_class(path: str, extra: str | None):
         return getattr(module, cls_name)
     except AttributeError as e:
         raise ConfigError(f"module {module_name!r} has no optimizer class {cls_name!r}") from e
+
+
+def load_optimizer_state(optimizer: Any, sd: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(sd)``, keeping each state tensor's saved dtype.
+
+    torch casts floating state tensors to their parameter's dtype on load; an optimizer that keeps
+    float32 statistics for bf16 weights (Adafactor under ``--full_bf16``) would resume with bf16
+    statistics and drift from the uninterrupted run. The saved tensors are put back as they were.
+    """
+    optimizer.load_state_dict(sd)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    saved = sd.get("state", {})
+    for group, saved_group in zip(inner.param_groups, sd.get("param_groups", [])):
+        for p, index in zip(group["params"], saved_group.get("params", [])):
+            loaded = inner.state.get(p)
+            for key, value in saved.get(index, {}).items():
+                if (loaded is not None and torch.is_tensor(value) and torch.is_tensor(loaded.get(key))
+                        and loaded[key].dtype != value.dtype):
+                    loaded[key] = value.to(loaded[key].device)

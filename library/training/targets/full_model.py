@@ -64,6 +64,8 @@ class FullModelTarget(TrainingTarget):
         self._trained: dict[str, torch.nn.Module] = {}
         self.ema: Any = None  # .ema.EmaWeights with --ema
         self.memory: dict[str, Any] = {}  # the figure printed before training (.memory_plan)
+        self._stepper: Any = None  # fused_backward.GroupStepper with --fused_optimizer_groups
+        self._rounding: Any = None  # fused_backward.Bf16Rounding with the fused Adafactor + --full_bf16
 
     def train_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
         """The dtype of the trained weights: half only with ``--full_fp16`` / ``--full_bf16``."""
@@ -129,9 +131,13 @@ class FullModelTarget(TrainingTarget):
         if getattr(self.args, "fused_backward_pass", False):
             from library.training.targets import fused_backward
 
-            fused_backward.attach(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes)
+            if fused_backward.uses_stochastic_rounding(self.args):
+                self._rounding = fused_backward.Bf16Rounding(s.seed)
+            fused_backward.attach(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes,
+                                  self._rounding)
             self.steps_in_backward = True
-            logger.info("--fused_backward_pass: each parameter is stepped during the backward pass")
+            logger.info("--fused_backward_pass: each parameter is stepped during the backward pass%s",
+                        " (bf16 weights rounded stochastically)" if self._rounding else "")
         elif groups:
             from library.training.targets.fused_backward import GroupStepper
 
@@ -141,9 +147,8 @@ class FullModelTarget(TrainingTarget):
                         "once its gradients are complete", groups, len(self._groups))
 
     def finish_backward(self, s: Any) -> None:
-        stepper = getattr(self, "_stepper", None)
-        if stepper is not None:
-            stepper.finish_backward()
+        if self._stepper is not None:
+            self._stepper.finish_backward()
 
     # ---------------------------------------------------------------- per step
     def after_optimizer_step(self, s: Any, global_step: int) -> tuple[dict[str, float], dict[str, str]]:
@@ -152,6 +157,8 @@ class FullModelTarget(TrainingTarget):
             self.stop_text_encoders(s)
         if self.ema is not None:
             self.ema.update()
+        if self._rounding is not None:
+            self._rounding.reseed(global_step)
         return {}, {}
 
     def stop_text_encoders(self, s: Any) -> None:
@@ -196,6 +203,8 @@ class FullModelTarget(TrainingTarget):
                                     f"(missing {len(missing)}, unexpected {len(unexpected)} keys)")
 
     def before_resume(self, s: Any, global_step: int) -> None:
+        if self._rounding is not None:
+            self._rounding.reseed(global_step)
         if self.train_text_encoder and self.stop_te_step is not None and global_step >= self.stop_te_step:
             self.stop_text_encoders(s)
 

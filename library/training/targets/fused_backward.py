@@ -64,18 +64,64 @@ def require_fusable(args: Any) -> None:
         raise ConfigError(problems)
 
 
-def attach(optimizer: Any, max_grad_norm: float | None, world: int) -> list[Any]:
-    """Register the hooks on every trained parameter of ``optimizer``; returns the hook handles."""
+def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
+    """Round float32 ``source`` into bfloat16 ``target`` stochastically: up with a probability equal to
+    the distance from the lower bf16 value, so updates far below a bf16 step still move the weights
+    on average (round-to-nearest drops them every time)."""
+    noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
+    bits = source.contiguous().view(torch.int32) + noise
+    target.copy_(bits.bitwise_and_(-65536).view(torch.float32))  # low 16 bits cleared: exact in bf16
+
+
+class Bf16Rounding:
+    """Stochastic rounding of bf16 weights in the fused Adafactor step (``--full_bf16``), as kohya's fused
+    Adafactor does. The random bits come from a generator reseeded from the run's seed and the step
+    count before each step, so runs and resumes are reproducible and every process draws the same bits."""
+
+    def __init__(self, seed: int, device: torch.device | str = "cpu"):
+        self.seed = seed
+        self.generator = torch.Generator(device=device)
+        self.reseed(0)
+
+    def reseed(self, global_step: int) -> None:
+        from library.training.noise import derive_seed
+
+        self.generator.manual_seed(derive_seed(self.seed, global_step, 0xB16))
+
+    def step(self, optimizer: torch.optim.Optimizer, p: torch.Tensor) -> None:
+        """``optimizer.step()`` on ``p`` in float32, the result rounded stochastically back into ``p``."""
+        low = p.data
+        p.data = low.float()
+        try:
+            optimizer.step()
+            copy_stochastic_(low, p.data, self.generator)
+        finally:
+            p.data = low
+
+
+def uses_stochastic_rounding(args: Any) -> bool:
+    """kohya's fused Adafactor rounds bf16 weights stochastically: ``--fused_backward_pass`` +
+    Adafactor + ``--full_bf16``."""
+    name = (args.optimizer_type or "AdamW").rsplit(".", 1)[-1].lower()
+    return bool(getattr(args, "fused_backward_pass", False) and getattr(args, "full_bf16", False)
+                and name == "adafactor")
+
+
+def attach(optimizer: Any, max_grad_norm: float | None, world: int,
+           rounding: Bf16Rounding | None = None) -> list[Any]:
+    """Register the hooks on every trained parameter of ``optimizer``; returns the hook handles.
+    ``rounding``: bf16 parameters are stepped in float32 and rounded stochastically."""
     inner = getattr(optimizer, "optimizer", optimizer)
     handles = []
     for gi, group in enumerate(inner.param_groups):
         for p in group["params"]:
             if p.requires_grad:
-                handles.append(p.register_post_accumulate_grad_hook(_hook(inner, gi, max_grad_norm, world)))
+                handles.append(p.register_post_accumulate_grad_hook(_hook(inner, gi, max_grad_norm, world, rounding)))
     return handles
 
 
-def _hook(optimizer: torch.optim.Optimizer, group_index: int, max_grad_norm: float | None, world: int):
+def _hook(optimizer: torch.optim.Optimizer, group_index: int, max_grad_norm: float | None, world: int,
+          rounding: Bf16Rounding | None = None):
     # the group is looked up at every call: loading a state (--resume) replaces the group dicts
     def step_now(p: torch.Tensor) -> None:
         if p.grad is None:
@@ -90,7 +136,10 @@ def _hook(optimizer: torch.optim.Optimizer, group_index: int, max_grad_norm: flo
         try:
             for i, g in enumerate(optimizer.param_groups):
                 g["params"] = [p] if i == group_index else []
-            optimizer.step()
+            if rounding is not None and p.dtype == torch.bfloat16:
+                rounding.step(optimizer, p)
+            else:
+                optimizer.step()
         finally:
             for g, params in zip(optimizer.param_groups, saved):
                 g["params"] = params
