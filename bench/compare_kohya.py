@@ -164,6 +164,9 @@ def main() -> None:
     ap.add_argument("--steps", default=None, help="N1,N2 (default: lora 3,8 / 2,5 as compare_perf.py; db, ti 2,5; "
                     "sdxl_ft 2,4)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; per-round ratios and medians reported")
+    ap.add_argument("--no_warmup", action="store_true",
+                    help="skip the 1-step run of each tool before round 1 (it puts the model files and both "
+                    "tools' code into the page cache, so round 1's first runs are not cold reads)")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
     ap.add_argument("--workdir", default=None, help="logs and (deleted after each run) outputs (default: a temp dir)")
     a = ap.parse_args()
@@ -198,6 +201,15 @@ def main() -> None:
     failed: dict[str, str] = dict(missing)
     slopes: dict[str, list[float]] = {t: [] for t in tools}
     fixed: dict[str, list[float]] = {t: [] for t in tools}
+    if not a.no_warmup:  # a cold first read of the model hit whichever tool ran first (docs/benchmarks.md)
+        for t in tools:
+            if t in failed:
+                continue
+            out = Path(tempfile.mkdtemp(prefix=f"out-{t}-", dir=work))
+            res = timed([*cmds[t], "--output_dir", str(out), "--output_name", "p", "--max_train_steps", "1"],
+                        env, work / f"warmup-{t}.log")
+            shutil.rmtree(out, ignore_errors=True)
+            print(f"warm-up: {t} 1 step: wall {res['wall_s']:.1f} s (not counted)", flush=True)
     for r in range(1, a.rounds + 1):
         walls: dict[str, dict[int, float]] = {t: {} for t in tools}
         for n in (n1, n2):
