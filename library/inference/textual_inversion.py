@@ -61,8 +61,10 @@ class EmbeddingFile:
         return len(self.vectors) == 2
 
 
-def _read_state(path: Path, allow_pickle: bool) -> dict[str, Any]:
-    where = f"{FLAG} {path}"
+def read_state(path: Path, allow_pickle: bool, flag: str = FLAG) -> dict[str, Any]:
+    """The tensors of an embedding-like file (.safetensors, or a pickle with ``allow_pickle``); ``flag``
+    names the file in messages. Also read by ``--weights`` (training) and ``--XTI_embeddings``."""
+    where = f"{flag} {path}"
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -153,7 +155,7 @@ def read_embeddings(paths: Sequence[str] | None, *, allow_pickle: bool = False) 
             raise ConfigError(f"{FLAG} {p}: its word {token!r} is also the word of {seen[token]} "
                               "(names are not case-sensitive); rename one file")
         seen[token] = p
-        vectors = parse_embedding(_read_state(path, allow_pickle), f"{FLAG} {p}")
+        vectors = parse_embedding(read_state(path, allow_pickle), f"{FLAG} {p}")
         out.append(EmbeddingFile(p, token, vectors))
     return out
 

@@ -186,26 +186,9 @@ def read_xti_file(path: str | Path, flag: str, allow_pickle: bool = False) -> to
     where = f"{flag} {path}"
     if not path.is_file():
         raise ConfigError(f"{where}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from library.inference.textual_inversion import read_state
 
-        try:
-            state = load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{where}: not a readable .safetensors file ({str(e)[:160]})") from e
-    elif suffix in (".pt", ".ckpt", ".bin", ".pth"):
-        if not allow_pickle:
-            raise ConfigError(f"{where} is a pickle file, which can run arbitrary code when loaded; convert it to "
-                              ".safetensors, or pass --allow_pickle if you trust its source")
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"{where}: cannot be read as a PyTorch file ({type(e).__name__})") from e
-        if not isinstance(state, dict):
-            raise ModelLoadError(f"{where}: holds a {type(state).__name__}, not a dict of layer tensors")
-    else:
-        raise ConfigError(f"{where}: unknown file type {suffix!r}; use .safetensors (or, with --allow_pickle, .pt)")
+    state = read_state(path, allow_pickle, flag)
     return parse_xti_state(state, where)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from library.errors import ConfigError, ModelLoadError
+from library.errors import ConfigError
 from library.models.families import Family
 
 A1111_STAR_TOKEN_ID = 265  # the id of "*" in CLIP's vocabulary, as A1111 records it
@@ -67,29 +67,11 @@ def save_embedding(path: Path, tensors: dict[str, torch.Tensor], s: Any, args: A
 
 def read_embedding_file(path: str, allow_pickle: bool) -> list[torch.Tensor]:
     """``--weights``: the ``[n, D]`` vectors per text encoder of an embedding file (any layout gen_img reads)."""
-    from library.inference.textual_inversion import PICKLE_SUFFIXES, parse_embedding
+    from library.inference.textual_inversion import parse_embedding, read_state
 
     where = f"--weights {path}"
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{where}: file not found")
-    if p.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(p), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for damaged files
-            raise ModelLoadError(f"{where}: not a readable .safetensors file ({str(e)[:160]})") from e
-    elif p.suffix.lower() in PICKLE_SUFFIXES:
-        if not allow_pickle:
-            raise ConfigError(f"{where} is a pickle file, which can run arbitrary code when loaded; convert it to "
-                              ".safetensors, or pass --allow_pickle if you trust its source")
-        try:
-            state = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ModelLoadError(f"{where}: cannot be read as a PyTorch file ({type(e).__name__})") from e
-        if not isinstance(state, dict):
-            raise ModelLoadError(f"{where}: holds a {type(state).__name__}, not a dict of embedding tensors")
-    else:
-        raise ConfigError(f"{where}: unknown file type {p.suffix!r}; use .safetensors (or .pt with --allow_pickle)")
+    state = read_state(p, allow_pickle, "--weights")
     return parse_embedding(state, where)
