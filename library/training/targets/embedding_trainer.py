@@ -24,7 +24,7 @@ from library.training import saving as S
 from library.training.targets.embedding_captions import (check_captions, expand_token, expanding_adapter,
                                                           template_captions, templates_for)
 from library.training.targets.embeddings import EmbeddingTarget
-from library.training.targets.full_trainer import complete_namespace, detect_family
+from library.training.targets.full_trainer import complete_namespace, require_family
 from library.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
@@ -88,12 +88,7 @@ class EmbeddingTrainer(Trainer):
             problems.append("--init_word is empty; give a word close to the concept (e.g. 'dog') or leave it out")
         if problems:
             raise ConfigError(problems)
-        family = detect_family(a.pretrained_model_name_or_path, bool(getattr(a, "allow_pickle", False)))
-        if family is not None and family not in self.expected_families():
-            hint = self.other_scripts.get(family, "another script")
-            raise ConfigError(f"{a.pretrained_model_name_or_path} is an {family.pretty} model; use {hint} for it "
-                              f"({self.script_name}.py trains embeddings for "
-                              f"{', '.join(f.pretty for f in self.expected_families())} models)")
+        require_family(self, "embeddings for ")
         if a.weights:
             vectors = self.target.read_weights(a.weights)
             if vectors[0].shape[0] != len(self.target.token_strings()):

@@ -57,6 +57,18 @@ def detect_family(path: str | None, allow_pickle: bool = False) -> Family | None
     return None
 
 
+def require_family(trainer: Any, what: str) -> None:
+    """Refuse a base model of a family the trainer's script does not train, naming the script that does
+    (``trainer.other_scripts``); ``what`` is inserted before "models" (e.g. "embeddings for ")."""
+    a = trainer.args
+    family = detect_family(a.pretrained_model_name_or_path, bool(getattr(a, "allow_pickle", False)))
+    if family is not None and family not in trainer.expected_families():
+        hint = trainer.other_scripts.get(family, "another script")
+        raise ConfigError(f"{a.pretrained_model_name_or_path} is an {family.pretty} model; use {hint} for it "
+                          f"({trainer.script_name}.py trains {what}"
+                          f"{', '.join(f.pretty for f in trainer.expected_families())} models)")
+
+
 class FullModelTrainer(Trainer):
     """Train the UNet (and optionally the text encoders) of an SD1.x / SD2.x model."""
 
@@ -107,11 +119,6 @@ class FullModelTrainer(Trainer):
 
         a = self.args
         require_fusable(a)
-        family = detect_family(a.pretrained_model_name_or_path, bool(getattr(a, "allow_pickle", False)))
-        if family is not None and family not in self.expected_families():
-            hint = self.other_scripts.get(family, "another script")
-            raise ConfigError(f"{a.pretrained_model_name_or_path} is an {family.pretty} model; use {hint} for it "
-                              f"({self.script_name}.py trains "
-                              f"{', '.join(f.pretty for f in self.expected_families())} models)")
+        require_family(self, "")
         fmt = self.save_format()
         check_output_path(Path(a.output_dir or ".") / (S.last_name(a.output_name) + fmt.suffix), fmt)
