@@ -56,7 +56,7 @@ class DreamBoothTrainer(FullModelTrainer):
         cond = super().encode_text(s, batch)
         if not self.args.no_token_padding:
             return cond
-        from library.training.family import Conditioning
+        from library.models.families import Conditioning
 
         # CLIP's text attention is causal: the states before the padding do not depend on it, so
         # cutting them to the longest caption of the batch equals encoding without padding

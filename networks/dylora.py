@@ -34,7 +34,6 @@ import torch
 import torch.nn.functional as F
 
 from library.errors import ConfigError
-from library.models.families import Family
 from networks import lora_keys as keys
 from networks.lora import LoRANetwork, read_network_file
 from networks.lora_args import VALID_KEYS as LORA_KEYS
@@ -258,7 +257,7 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
         text_encoder, unet, multiplier=multiplier, lora_dim=network_dim, alpha=network_alpha, unit=unit,
         dropout=neuron_dropout if neuron_dropout is not None else args.dropout, rank_dropout=args.rank_dropout,
         module_dropout=args.module_dropout, conv_lora_dim=args.conv_dim, conv_alpha=conv_alpha, varbose=True,
-        is_sdxl=keys.family_of_models(unet, tes) is Family.SDXL,
+        is_sdxl=keys.uses_sdxl_layout(keys.family_of_models(unet, tes)),
     )
     if args.loraplus_lr_ratio or args.loraplus_unet_lr_ratio or args.loraplus_text_encoder_lr_ratio:
         network.set_loraplus_lr_ratio(args.loraplus_lr_ratio, args.loraplus_unet_lr_ratio, args.loraplus_text_encoder_lr_ratio)
@@ -280,7 +279,7 @@ def create_network_from_weights(multiplier: float, file: str | os.PathLike | Non
     modules_dim, modules_alpha = keys.dims_and_alphas(weights_sd)
     network = DyLoRANetwork(
         text_encoder, unet, multiplier=multiplier, unit=unit, lora_dim=max(modules_dim.values(), default=unit),
-        modules_dim=modules_dim, modules_alpha=modules_alpha, is_sdxl=base is Family.SDXL,
+        modules_dim=modules_dim, modules_alpha=modules_alpha, is_sdxl=keys.uses_sdxl_layout(base),
         dropout=args.dropout, rank_dropout=args.rank_dropout, module_dropout=args.module_dropout,
     )
     check_compatible(weights_sd, metadata, network, file)

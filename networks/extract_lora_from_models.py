@@ -118,8 +118,8 @@ class ModelWeights:
             self._init_folder()
             return
         self.file = _open(self.path)
-        self.family = detect_family_from_keys(self.file.keys(), str(path))
         cfg = json.loads(self.file.metadata["sdtk.model_config"]) if "sdtk.model_config" in self.file.metadata else None
+        self.family = detect_family_from_keys(self.file.keys(), str(path), cfg)
         if cfg is None or cfg.get("family") != self.family.value:
             cfg = shipped_model_config(self.family)
         else:
@@ -128,7 +128,7 @@ class ModelWeights:
         from library.models.unet_layout import UNetLayout
 
         self._layout = UNetLayout(cfg["unet"])
-        self._te_prefixes = ol.TE_PREFIXES[self.family]
+        self._te_prefixes = self.family.te_prefixes
         self._cache: tuple[str, torch.Tensor] | None = None
 
     def _init_folder(self) -> None:

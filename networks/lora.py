@@ -91,7 +91,7 @@ class LoRANetwork(torch.nn.Module):
             self.family = keys.family_of_models(unet, text_encoders)
         else:
             self.family = Family.SDXL if is_sdxl else keys.family_of_models(unet)
-        self.is_sdxl = self.family is Family.SDXL
+        self.is_sdxl = keys.uses_sdxl_layout(self.family)
         layout = None
         self._name_aliases: dict[str, str] = {}
         if self.is_sdxl and unet is not None:
@@ -362,7 +362,8 @@ def create_network(
     if neuron_dropout is None:
         neuron_dropout = args.dropout
     conv_alpha = (args.conv_alpha if args.conv_alpha is not None else 1.0) if args.conv_dim is not None else None
-    is_sdxl = keys.family_of_models(unet, text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]) is Family.SDXL
+    is_sdxl = keys.uses_sdxl_layout(
+        keys.family_of_models(unet, text_encoder if isinstance(text_encoder, (list, tuple)) else [text_encoder]))
 
     block_lr = block_lr_weights(is_sdxl, args.down_lr_weight, args.mid_lr_weight, args.up_lr_weight, args.block_lr_zero_threshold or 0.0)
     block_dims = block_alphas = conv_block_dims = conv_block_alphas = None
@@ -408,7 +409,7 @@ def read_network_file(file: str | os.PathLike | None, weights_sd: Mapping[str, t
     text_encoders = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
     base = keys.family_of_models(unet, text_encoders)
     check_compatible(weights_sd, metadata, None, file, base_family=base)
-    if base is Family.SDXL and unet is not None:
+    if keys.uses_sdxl_layout(base) and unet is not None:
         weights_sd = keys.rename_modules(weights_sd, keys.sdxl_diffusers_name_aliases(unet, unet_layout_of(unet)))
     return weights_sd, metadata, base
 
@@ -436,7 +437,8 @@ def create_network_from_weights(
     weights_sd, metadata, base = read_network_file(file, weights_sd, text_encoder, unet)
     modules_dim, modules_alpha = keys.dims_and_alphas(weights_sd)
     network = LoRANetwork(
-        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha, is_sdxl=base is Family.SDXL
+        text_encoder, unet, multiplier=multiplier, modules_dim=modules_dim, modules_alpha=modules_alpha,
+        is_sdxl=keys.uses_sdxl_layout(base),
     )
     check_compatible(weights_sd, metadata, network, file)
     # Ranks come from the file; of the --network_args only the block lr weights still apply.

@@ -67,9 +67,9 @@ def check_compatible(
         base_family = network.family
     file_family = keys.family_of_weights(weights_sd, metadata)
     if base_family is not None and file_family is not None:
-        sdxl_mismatch = (file_family is Family.SDXL) != (base_family is Family.SDXL)
+        sdxl_mismatch = keys.uses_sdxl_layout(file_family) != keys.uses_sdxl_layout(base_family)
         sd12_known = keys.family_from_metadata(metadata) is not None or any("proj_in" in k for k in weights_sd)
-        if sdxl_mismatch or (file_family is not base_family and sd12_known):
+        if sdxl_mismatch or (file_family.root is not base_family.root and sd12_known):
             script = base_family.train_network_script
             raise ModelLoadError(
                 f"{file}: this LoRA was made for {_family_text(file_family)} but the base model is "

@@ -60,6 +60,12 @@ def unet_lora_name(module_path: str, layout: Any | None = None) -> str:
     return f"{PREFIX_UNET}.{module_path}".replace(".", "_")
 
 
+def uses_sdxl_layout(family: Family | None) -> bool:
+    """Whether LoRA modules of ``family`` are named in SDXL's layout (te1/te2 prefixes, sgm UNet paths):
+    a format fact each family states (``Family.lora_key_layout``)."""
+    return family is not None and family.lora_key_layout == "sdxl"
+
+
 def family_of_models(unet: Any, text_encoders: list | None = None) -> Family:
     """Family of a diffusers ``UNet2DConditionModel`` (plus text encoders, used as a tie-breaker).
 

@@ -170,7 +170,7 @@ def require_lora_family(files: Sequence[LoRAFile], sdxl_tool: bool, tool: str) -
     """
     other_tool = tool.replace("sdxl_", "") if sdxl_tool else tool.replace("networks/", "networks/sdxl_")
     for f in files:
-        if f.family is not None and (f.family is Family.SDXL) != sdxl_tool:
+        if f.family is not None and (f.family.lora_key_layout == "sdxl") != sdxl_tool:
             raise ConfigError(f"{f.path} is a {_family_text(f.family)} LoRA; {tool} is for {_family_text(Family.SDXL if sdxl_tool else None)} — use {other_tool}")
     known = {f.family for f in files if f.family is not None}
     if len(known) > 1:
@@ -181,11 +181,9 @@ def require_lora_family(files: Sequence[LoRAFile], sdxl_tool: bool, tool: str) -
 
 # ------------------------------------------------------------------------------------ metadata
 def base_model_version(family: Family | None, v_parameterization: bool = False) -> str | None:
-    if family is Family.SDXL:
-        return SDXL_BASE_MODEL_VERSION
     if family is None:
         return None
-    return ("sd_v2" if family is Family.SD2 else "sd_v1") + ("_v" if v_parameterization else "")
+    return family.base_model_version(v_parameterization)
 
 
 def same_or_dynamic(values: Iterable[float | int]) -> str:

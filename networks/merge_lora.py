@@ -58,7 +58,7 @@ def module_map(model) -> dict[str, torch.nn.Module]:
     """kohya LoRA name -> Linear/Conv2d of the loaded model, for every such module (not only kohya's targets)."""
     from library.models.unet_layout import UNetLayout
 
-    layout = UNetLayout(model.unet.config) if model.family is Family.SDXL else None
+    layout = UNetLayout(model.unet.config) if keys.uses_sdxl_layout(model.family) else None
     out: dict[str, torch.nn.Module] = {}
     for path, mod in model.unet.named_modules():
         if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
@@ -151,7 +151,7 @@ def merge_to_checkpoint(args: argparse.Namespace, files: list[common.LoRAFile], 
 
     tool = "networks/sdxl_merge_lora.py" if sdxl else "networks/merge_lora.py"
     family = base_family(args.sd_model)
-    if (family is Family.SDXL) != sdxl:
+    if keys.uses_sdxl_layout(family) != sdxl:
         right = "networks/merge_lora.py" if sdxl else "networks/sdxl_merge_lora.py"
         raise ConfigError(f"--sd_model {args.sd_model} is an {family.pretty} model; {tool} merges into "
                           f"{'SDXL' if sdxl else 'SD1.x/SD2.x'} models — use {right}")

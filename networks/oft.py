@@ -244,7 +244,7 @@ class OFTNetwork(torch.nn.Module):
         self.multiplier, self.dim, self.alpha = multiplier, int(dim), float(alpha)
         self.enable_all_linear, self.enable_conv = enable_all_linear, enable_conv
         self.family = Family.SDXL if is_sdxl else keys.family_of_models(unet)
-        self.is_sdxl = self.family is Family.SDXL
+        self.is_sdxl = keys.uses_sdxl_layout(self.family)
         wanted = None if module_names is None else set(module_names)
         if wanted is not None:
             targets, with_kxk = TARGETS_ALL_LINEAR + TARGETS_ATTN + TARGETS_CONV, True
@@ -408,8 +408,8 @@ class OFTNetwork(torch.nn.Module):
     def check_compatible(self, weights_sd: Mapping[str, torch.Tensor], file: Any) -> None:
         """Raise :class:`ModelLoadError` if an OFT state dict's family or block shapes do not fit."""
         fam = _family_of_oft_weights(weights_sd)
-        if fam is not None and (fam is Family.SDXL) != self.is_sdxl:
-            made = "SDXL" if fam is Family.SDXL else "SD1.x/SD2.x"
+        if fam is not None and keys.uses_sdxl_layout(fam) != self.is_sdxl:
+            made = "SDXL" if keys.uses_sdxl_layout(fam) else "SD1.x/SD2.x"
             raise ModelLoadError(f"{file}: this OFT file was made for {made} but the base model is {self.family.pretty}")
         own = self.state_dict()
         wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(own[k].shape)}"

@@ -89,7 +89,7 @@ def test_masked_loss_and_prior_weights():
 
 
 def test_merge_chunks_layout():
-    from library.training.family_sd import merge_chunks
+    from library.models.families.sd1 import merge_chunks
 
     b, d = 2, 3
     hidden = torch.arange(b * 2 * 77 * d, dtype=torch.float32).reshape(b, 2, 77, d)

@@ -54,7 +54,6 @@ def cache_for_args(args: argparse.Namespace, model=None):
     from library.data import te_cache
     from library.data.dataset import build_dataset_group
     from library.models.families import Family
-    from library.training.family import get_family_adapter
 
     blueprint = build_blueprint_for_args(dataset_args_mapping(args))
     te_cache.check_cacheable([s for d in blueprint.datasets for s in d.subsets], train_text_encoder=False)
@@ -63,13 +62,13 @@ def cache_for_args(args: argparse.Namespace, model=None):
         from library.models.loading import load_models
 
         model = load_models(args.pretrained_model_name_or_path, tokenizer_cache_dir=args.tokenizer_cache_dir,
-                            expected=[Family.SDXL])
+                            expected=[f for f in Family if f.supports_te_cache])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # the same dtype the trainer gives the encoders, so the fingerprints (and outputs) match
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
     for te in model.text_encoders:
         te.requires_grad_(False).eval().to(device, dtype=dtype if device.type != "cpu" else torch.float32)
-    adapter = get_family_adapter(model.family)
+    adapter = model.family.adapter()
 
     def encode(captions: list[str]):
         with torch.no_grad(), torch.autocast(device.type, enabled=device.type == "cuda" and dtype != torch.float32,

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from library.data.prompt_syntax import chunk_ids, tokenize_weighted
 from library.errors import ConfigError
 
 ALLOWED_MAX_TOKEN_LENGTHS = (None, 75, 150, 225)
@@ -80,8 +81,6 @@ def tokenize_captions_weighted(tokenizer: Any, captions: list[str], max_token_le
         ``(ids, weights)``: LongTensor ``[B, n_chunks, 77]`` and FloatTensor ``[B, n_chunks, 77]``
         (1 on BOS/EOS/padding).
     """
-    from library.inference.prompt_weighting import chunk_ids, tokenize_weighted
-
     validate_max_token_length(max_token_length)
     n_chunks = 1 if max_token_length is None else max_token_length // 75
     body = tokenizer.model_max_length - 2

@@ -1,10 +1,7 @@
 """A1111-style prompt weighting and long prompts, encoded to the embeddings diffusers pipelines take.
 
-Syntax (as in AUTOMATIC1111 and kohya's gen_img): ``(text)`` multiplies the attention of
-``text`` by 1.1, ``[text]`` divides it by 1.1, ``(text:1.5)`` sets the factor; brackets nest
-and multiply; ``\\(`` ``\\)`` ``\\[`` ``\\]`` ``\\\\`` are literal characters; unbalanced brackets
-close at the end of the prompt. ``BREAK`` (upper case, a word of its own) pads the prompt to the
-start of the next 75-token chunk.
+The attention syntax (``(text:1.5)``, ``[text]``, ``BREAK``) is parsed by :mod:`library.data.prompt_syntax`
+(re-exported here); the family's adapter says which text-encoder layer and pooled output a prompt uses.
 
 Long prompts (kohya's gen_img layout): up to ``max_embeddings_multiples`` chunks of 75 tokens,
 each encoded as its own ``BOS + 75 tokens + EOS`` CLIP input; the chunk outputs are concatenated
@@ -20,128 +17,16 @@ absolute value, ``none`` does not rescale). The SDXL pooled embedding is not wei
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Callable
 
 import torch
 
-from library.models.families import Family
-from library.training.family import Conditioning
+from library.data.prompt_syntax import ROUND_UP, chunk_ids, parse_prompt_attention, tokenize_weighted
+from library.models.families import Conditioning, Family
 
 logger = logging.getLogger(__name__)
 
-ROUND_UP = 1.1
-_TOKEN = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
-_BREAK = "BREAK"
-
-
-def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
-    """Split ``text`` into ``(piece, weight)`` runs; neighbouring runs of equal weight are merged.
-
-    ``BREAK`` is returned as its own run ``("BREAK", 1.0)``. An empty prompt gives ``[("", 1.0)]``.
-    """
-    runs: list[list[Any]] = []  # [text, weight, is_break]
-    round_open: list[int] = []
-    square_open: list[int] = []
-
-    def scale_from(start: int, factor: float) -> None:
-        for run in runs[start:]:
-            run[1] *= factor
-
-    for m in _TOKEN.finditer(text):
-        tok, weight = m.group(0), m.group(1)
-        if tok.startswith("\\"):
-            runs.append([tok[1:] if len(tok) > 1 else tok, 1.0, False])
-        elif tok == "(":
-            round_open.append(len(runs))
-        elif tok == "[":
-            square_open.append(len(runs))
-        elif weight is not None and round_open:
-            scale_from(round_open.pop(), float(weight))
-        elif tok == ")" and round_open:
-            scale_from(round_open.pop(), ROUND_UP)
-        elif tok == "]" and square_open:
-            scale_from(square_open.pop(), 1 / ROUND_UP)
-        else:
-            # BREAK becomes a run of its own so that merging never glues it to text
-            for i, part in enumerate(re.split(r"\bBREAK\b", tok)):
-                if i:
-                    runs.append([_BREAK, 1.0, True])
-                if part:
-                    runs.append([part, 1.0, False])
-    for start in round_open:
-        scale_from(start, ROUND_UP)
-    for start in square_open:
-        scale_from(start, 1 / ROUND_UP)
-
-    merged: list[list[Any]] = []
-    for run in runs:
-        if merged and merged[-1][1] == run[1] and not run[2] and not merged[-1][2]:
-            merged[-1][0] += run[0]
-        else:
-            merged.append(run)
-    out = [(t, 1.0 if brk else w) for t, w, brk in merged]
-    return out or [("", 1.0)]
-
-
-def tokenize_weighted(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[int], list[float], bool]:
-    """Token ids (without BOS/EOS) and one weight per token, cut to ``max_tokens``.
-
-    Returns:
-        ``(ids, weights, truncated)``.
-    """
-    body = tokenizer.model_max_length - 2
-    ids: list[int] = []
-    weights: list[float] = []
-    for piece, weight in parse_prompt_attention(text):
-        if piece == _BREAK:
-            fill = (-len(ids)) % body
-            ids += [tokenizer.pad_token_id] * fill
-            weights += [1.0] * fill
-            continue
-        toks = tokenizer(piece, add_special_tokens=False, truncation=False, verbose=False).input_ids
-        ids += toks
-        weights += [weight] * len(toks)
-    truncated = len(ids) > max_tokens
-    return ids[:max_tokens], weights[:max_tokens], truncated
-
-
-def chunk_ids(tokenizer: Any, ids: list[int], weights: list[float], n_chunks: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lay ``ids`` out as ``n_chunks`` CLIP inputs.
-
-    Returns:
-        ids ``LongTensor[n_chunks, 77]`` and weights ``FloatTensor[n_chunks * 77]`` (1 on BOS/EOS/padding).
-    """
-    length = tokenizer.model_max_length
-    body = length - 2
-    bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    stream = ids + [eos] + [pad] * (n_chunks * body + 1 - len(ids) - 1)
-    w = weights + [1.0] * (n_chunks * body - len(weights))
-    rows, row_w = [], []
-    for i in range(n_chunks):
-        # the slot after the body holds the first token of the next chunk; it becomes EOS unless
-        # it is EOS or padding already (for SD1 padding is EOS, so this always yields EOS)
-        last = stream[(i + 1) * body]
-        if last not in (eos, pad):
-            last = eos
-        row = [bos] + stream[i * body:(i + 1) * body] + [last]
-        if pad != eos and row[1] == pad:
-            row[1] = eos  # a chunk of padding only: "BOS EOS PAD ..." (kohya's rule for SD2/SDXL TE2)
-        rows.append(row)
-        row_w += [1.0] + w[i * body:(i + 1) * body] + [1.0]
-    return torch.tensor(rows, dtype=torch.long), torch.tensor(row_w, dtype=torch.float32)
-
-
-def _hidden(family: Family, text_encoder: Any, ids: torch.Tensor, clip_skip: int | None
-            ) -> tuple[torch.Tensor, Any]:
-    """``[N, 77, D]`` states of the layer kohya's gen_img uses, and the raw encoder output."""
-    if family is Family.SDXL:
-        out = text_encoder(ids, output_hidden_states=True, return_dict=True)
-        return out.hidden_states[-(clip_skip or 2)], out  # no final layer norm for SDXL
-    from library.training.family_sd import text_hidden_states
-
-    return text_hidden_states(text_encoder, ids, clip_skip), None
+__all__ = ["ROUND_UP", "apply_weights", "chunk_ids", "encode_prompts", "parse_prompt_attention", "tokenize_weighted"]
 
 
 def apply_weights(hidden: torch.Tensor, weights: torch.Tensor, mode: str = "original") -> torch.Tensor:
@@ -178,7 +63,8 @@ def encode_prompts(family: Family, text_encoders: list, tokenizers: list, texts:
         ``Conditioning`` with ``hidden_states`` ``[B, 77 * n, D]`` and, for SDXL, ``pooled`` ``[B, P]``.
     """
     multiples = max(1, max_embeddings_multiples or 1)
-    n_tes = 2 if family is Family.SDXL else 1
+    adapter = Family(family).adapter()
+    n_tes = adapter.n_text_encoders
     per_tok = []
     for tok in tokenizers[:n_tes]:
         tok_texts = [convert_prompt(t, tok) for t in texts] if convert_prompt else texts
@@ -198,15 +84,13 @@ def encode_prompts(family: Family, text_encoders: list, tokenizers: list, texts:
         weights = torch.stack([x[1] for x in laid])  # [B, n * 77]
         b = ids.shape[0]
         flat = ids.reshape(b * n_chunks, -1)
-        hidden, out = _hidden(family, te, flat, clip_skip)
+        hidden, out = adapter.prompt_hidden_states(te, i, flat, clip_skip)
         hidden = hidden.reshape(b, n_chunks * flat.shape[1], hidden.shape[-1])
         if not bool((weights == 1.0).all()):
             hidden = apply_weights(hidden, weights, emb_normalize_mode)
         states.append(hidden)
-        if family is Family.SDXL and i == 1:
-            from library.training.family_sdxl import pooled_embedding
-
-            pooled = pooled_embedding(te, out.last_hidden_state, flat, tok.eos_token_id)
-            pooled = pooled.reshape(b, n_chunks, -1)[:, 0]  # the first chunk's, as kohya
+        te_pooled = adapter.prompt_pooled(te, i, out, flat, tok.eos_token_id)
+        if te_pooled is not None:
+            pooled = te_pooled.reshape(b, n_chunks, -1)[:, 0]  # the first chunk's, as kohya
     hidden = states[0] if len(states) == 1 else torch.cat([states[0], states[1].to(states[0].dtype)], dim=2)
     return Conditioning(hidden, pooled)

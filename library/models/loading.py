@@ -11,72 +11,46 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 
 from library.errors import ModelLoadError
 from library.models import original_layout as ol
 from library.models.checkpoint import CheckpointReader
-from library.models.families import Family
+from library.models.families import Family, detection_order
+from library.models.loaded import LoadedModel, te_config_dict
 from library.models.tokenizers import load_tokenizers
+
+__all__ = ["LoadedModel", "detect_family_from_keys", "load_models", "load_single_file", "load_diffusers_folder",
+           "load_vae", "shipped_model_config"]
+
+_te_config_dict = te_config_dict  # the older private name (benchmarks)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class LoadedModel:
-    """The components of a base model, plus what is needed to save it again losslessly."""
-
-    family: Family
-    unet: Any
-    vae: Any
-    text_encoders: list
-    tokenizers: list
-    scheduler_config: dict
-    v_parameterization: bool = False
-    model_config: dict = field(default_factory=dict)
-    source: str | None = None
-    # original-layout keys of the source file that no component uses (EMA weights, SD2's unused last
-    # text-encoder layer, position_ids, ...); they are copied back when saving in the original layout.
-    passthrough_keys: list[str] = field(default_factory=list)
-
-    @property
-    def v2(self) -> bool:
-        return self.family is Family.SD2
-
-
 def shipped_model_config(family: Family, v_parameterization: bool = False) -> dict:
     """The diffusers configs of the real architecture of ``family`` (shipped with sdtk, never downloaded)."""
-    text = resources.files("library.models").joinpath(f"configs/{family.value}.json").read_text()
-    cfg = json.loads(text)
-    if family is Family.SD2 and not v_parameterization:
-        cfg["unet"]["sample_size"] = 64  # SD2 512-base
-        cfg["vae"]["sample_size"] = 512
-    if v_parameterization:
-        cfg["scheduler"]["prediction_type"] = "v_prediction"
-    return cfg
+    return Family(family).full_config(v_parameterization)
 
 
 # --------------------------------------------------------------------------------- detection
-def detect_family_from_keys(keys: Iterable[str], path: str) -> Family:
+def detect_family_from_keys(keys: Iterable[str], path: str, config: dict | None = None) -> Family:
+    """The family of an original-layout checkpoint from its keys (and its embedded sdtk ``config``,
+    which tells variant families apart from their base); a clear error for LoRAs, VAEs, refiners."""
     keys = set(keys)
     if any(k.startswith(("lora_unet_", "lora_te", "lora_")) or ".lora_down." in k or ".lora_A." in k for k in keys):
         raise ModelLoadError(
             f"{path} is a LoRA (network weights), not a base model: pass a base checkpoint with "
             "--pretrained_model_name_or_path and the LoRA with --network_weights"
         )
-    if "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
-        return Family.SDXL
+    for family in detection_order():
+        if family.matches_keys(keys, config):
+            return family
     if any(k.startswith("conditioner.embedders.0.model.") for k in keys):
         raise ModelLoadError(f"{path} is an SDXL refiner checkpoint; sdtk trains SDXL base models only")
-    if "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys:
-        return Family.SD2
-    if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-        return Family.SD1
     if any(k.startswith(("encoder.conv_in", "decoder.conv_in", "first_stage_model.")) for k in keys) and not any(
         k.startswith("model.diffusion_model.") for k in keys
     ):
@@ -87,14 +61,14 @@ def detect_family_from_keys(keys: Iterable[str], path: str) -> Family:
 
 
 def _check_family(family: Family, v2: bool, expected: Iterable[Family] | None, path: str) -> None:
-    if expected is not None and family not in set(expected):
+    if expected is not None and not any(family.is_a(f) for f in expected):
         raise ModelLoadError(
             f"{path} is an {family.pretty} model; use {family.train_network_script} for it "
             f"(this script trains {', '.join(f.pretty for f in expected)})"
         )
-    if v2 and family is not Family.SD2:
+    if v2 and not family.v2:
         raise ModelLoadError(f"{path} is an {family.pretty} model but --v2 was given; --v2 is only for SD2.x models")
-    if family is Family.SD2 and not v2:
+    if family.v2 and not v2:
         logger.warning("%s is an SD2.x model; treating it as if --v2 had been given", path)
 
 
@@ -138,9 +112,9 @@ def load_single_file(path: str, *, v2: bool = False, v_parameterization: bool = 
                      skip_vae: bool = False, mmap: bool = True):
     """Load UNet, VAE and text encoders from an original-layout file. Returns (LoadedModel without tokenizers)."""
     reader = CheckpointReader(path, allow_pickle=allow_pickle, mmap=mmap)
-    family = detect_family_from_keys(reader.keys(), path)
-    _check_family(family, v2, expected, path)
     cfg = reader.embedded_model_config()
+    family = detect_family_from_keys(reader.keys(), path, cfg)
+    _check_family(family, v2, expected, path)
     if cfg is not None and cfg.get("family") != family.value:
         cfg = None
     if cfg is None:
@@ -153,7 +127,7 @@ def load_single_file(path: str, *, v2: bool = False, v_parameterization: bool = 
     _assign(unet, ol.unet_from_original(reader.read_prefix(ol.UNET_PREFIX, dtype), cfg["unet"]), "UNet", path)
     if not skip_vae:
         _assign(vae, ol.vae_from_original(reader.read_prefix(ol.VAE_PREFIX, dtype), cfg["vae"]), "VAE", path)
-    for te, (prefix, open_clip) in zip(tes, ol.TE_PREFIXES[family]):
+    for te, (prefix, open_clip) in zip(tes, family.te_prefixes):
         raw = reader.read_prefix(prefix, dtype)
         sd = ol.open_clip_from_original(raw, prefix, te) if open_clip else ol.clip_from_original(raw, prefix)
         if hasattr(te, "text_model"):  # CLIPTextModelWithProjection keeps the wrapper in transformers 5
@@ -174,15 +148,18 @@ def original_keys_of(model: LoadedModel) -> list[str]:
     return list(to_original_state_dict(model, dry_run=True).keys())
 
 
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _diffusers_family(folder: Path) -> Family:
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text())
-    if unet_cfg.get("addition_embed_type") == "text_time":
-        return Family.SDXL
-    te_cfg_path = folder / "text_encoder" / "config.json"
-    te_cfg = json.loads(te_cfg_path.read_text()) if te_cfg_path.exists() else {}
-    if te_cfg.get("hidden_act") == "gelu" or unet_cfg.get("cross_attention_dim") == 1024:
-        return Family.SD2
-    return Family.SD1
+    te_cfg = _read_json(folder / "text_encoder" / "config.json")
+    index = _read_json(folder / "model_index.json")
+    for family in detection_order():
+        if family.matches_diffusers(unet_cfg, te_cfg, index):
+            return family
+    raise ModelLoadError(f"{folder}: a diffusers model of no family sdtk knows")
 
 
 def load_diffusers_folder(folder: str, *, v2: bool = False, v_parameterization: bool = False,
@@ -200,7 +177,7 @@ def load_diffusers_folder(folder: str, *, v2: bool = False, v_parameterization: 
     try:
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
         vae = None if skip_vae else AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
-        te_names = ["CLIPTextModel"] + (["CLIPTextModelWithProjection"] if family is Family.SDXL else [])
+        te_names = family.text_encoder_classes
         tes = [_te_class(cls).from_pretrained(folder, subfolder="text_encoder" + ("" if i == 0 else f"_{i + 1}"), **kw)
                for i, cls in enumerate(te_names)]
     except (OSError, ValueError) as e:
@@ -217,7 +194,7 @@ def load_diffusers_folder(folder: str, *, v2: bool = False, v_parameterization: 
         "family": family.value,
         "unet": dict(unet.config),
         "vae": dict(vae.config) if vae is not None else shipped_model_config(family)["vae"],
-        "text_encoders": [{"cls": type(t).__name__, "config": _te_config_dict(t)} for t in tes],
+        "text_encoders": [{"cls": type(t).__name__, "config": te_config_dict(t)} for t in tes],
         "scheduler": sched,
     }
     return LoadedModel(family, unet, vae, tes, [], sched, v_param, cfg, str(folder))
@@ -227,13 +204,6 @@ def _quiet_transformers() -> None:
     from transformers.utils import logging as tlog
 
     tlog.disable_progress_bar()
-
-
-def _te_config_dict(te) -> dict:
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "max_position_embeddings", "hidden_act", "projection_dim", "bos_token_id", "eos_token_id",
-            "pad_token_id", "layer_norm_eps")
-    return {k: getattr(te.config, k) for k in keys}
 
 
 def _pretrained_kwargs(dtype: torch.dtype | None, mmap: bool) -> dict:

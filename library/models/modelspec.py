@@ -34,14 +34,15 @@ from __future__ import annotations
 import datetime
 from typing import Mapping
 
-from library.models.families import Family
+from library.models.families import Family, families
 
 SPEC_VERSION = "1.0.1"
 
-ARCH_SD_V1 = "stable-diffusion-v1"
-ARCH_SD_V2_512 = "stable-diffusion-v2-512"
-ARCH_SD_V2_768_V = "stable-diffusion-v2-768-v"
-ARCH_SD_XL_V1_BASE = "stable-diffusion-xl-v1-base"
+# each family module states its own architecture ids; kohya's names for them:
+ARCH_SD_V1 = Family.SD1.modelspec_architecture(False)  # "stable-diffusion-v1"
+ARCH_SD_V2_512 = Family.SD2.modelspec_architecture(False)  # "stable-diffusion-v2-512"
+ARCH_SD_V2_768_V = Family.SD2.modelspec_architecture(True)  # "stable-diffusion-v2-768-v"
+ARCH_SD_XL_V1_BASE = Family.SDXL.modelspec_architecture(False)  # "stable-diffusion-xl-v1-base"
 
 ADAPTER_LORA = "lora"
 ADAPTER_TEXTUAL_INVERSION = "textual-inversion"
@@ -67,13 +68,7 @@ def _implementation_version() -> str:
 
 def architecture(family: Family | str, v_parameterization: bool, lora: bool, textual_inversion: bool = False) -> str:
     """The ``modelspec.architecture`` id, e.g. ``stable-diffusion-v2-768-v/lora``."""
-    family = Family(family)
-    if family is Family.SDXL:
-        arch = ARCH_SD_XL_V1_BASE
-    elif family is Family.SD2:
-        arch = ARCH_SD_V2_768_V if v_parameterization else ARCH_SD_V2_512
-    else:
-        arch = ARCH_SD_V1
+    arch = Family(family).modelspec_architecture(v_parameterization)
     if lora:
         arch += f"/{ADAPTER_LORA}"
     elif textual_inversion:
@@ -82,25 +77,20 @@ def architecture(family: Family | str, v_parameterization: bool, lora: bool, tex
 
 
 def family_from_architecture(arch: str) -> Family | None:
-    """Inverse of :func:`architecture` (adapter suffix ignored); ``None`` for other architectures."""
+    """Inverse of :func:`architecture` (adapter suffix ignored); ``None`` for other architectures.
+
+    A variant family sharing its base's architecture string maps to the base (the first registered)."""
     base = arch.split("/")[0]
-    return {
-        ARCH_SD_V1: Family.SD1,
-        ARCH_SD_V2_512: Family.SD2,
-        ARCH_SD_V2_768_V: Family.SD2,
-        ARCH_SD_XL_V1_BASE: Family.SDXL,
-    }.get(base)
+    for family in families():
+        if base in family.modelspec_architectures:
+            return family
+    return None
 
 
 def resolution_string(resolution: int | str | tuple[int, ...] | list[int] | None, family: Family, v_parameterization: bool) -> str:
     """``"WxH"`` from an int, ``"W,H"`` string or (W, H); the family's default when ``None``."""
     if resolution is None:
-        if family is Family.SDXL:
-            reso: tuple[int, ...] = (1024, 1024)
-        elif family is Family.SD2 and v_parameterization:
-            reso = (768, 768)
-        else:
-            reso = (512, 512)
+        reso: tuple[int, ...] = tuple(Family(family).resolution(v_parameterization))
     elif isinstance(resolution, str):
         reso = tuple(int(s) for s in resolution.split(","))
     elif isinstance(resolution, int):
@@ -160,7 +150,7 @@ def build_modelspec(
         timestamp = datetime.datetime.now().timestamp()
     if not lora and not textual_inversion and is_stable_diffusion_ckpt is None:
         is_stable_diffusion_ckpt = True
-    sgm = (lora and family is Family.SDXL) or textual_inversion or bool(is_stable_diffusion_ckpt)
+    sgm = (lora and family.modelspec_lora_sgm) or textual_inversion or bool(is_stable_diffusion_ckpt)
     if title is None:
         title = ("LoRA" if lora else "TextualInversion" if textual_inversion else "Checkpoint") + f"@{timestamp}"
 

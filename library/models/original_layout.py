@@ -13,24 +13,21 @@ from typing import Mapping
 
 import torch
 
-from library.models.families import Family
+from library.models.families import Family, FamilyFacts
 from library.models.unet_layout import UNetLayout
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
-# Where each text encoder lives in the original layout, and whether it is in OpenCLIP layout.
-TE_PREFIXES: dict[Family, list[tuple[str, bool]]] = {
-    Family.SD1: [("cond_stage_model.transformer.", False)],
-    Family.SD2: [("cond_stage_model.model.", True)],
-    Family.SDXL: [("conditioner.embedders.0.transformer.", False), ("conditioner.embedders.1.model.", True)],
-}
+# Where each text encoder lives in the original layout, and whether it is in OpenCLIP layout:
+# ``TE_PREFIXES[family]`` = ``family.te_prefixes`` (each family module states its own).
+TE_PREFIXES = FamilyFacts("te_prefixes")
 
 Tensor = torch.Tensor
 
 
 def component_prefixes(family: Family) -> list[str]:
-    return [UNET_PREFIX, VAE_PREFIX] + [p for p, _ in TE_PREFIXES[family]]
+    return [UNET_PREFIX, VAE_PREFIX] + [p for p, _ in Family(family).te_prefixes]
 
 
 # ----------------------------------------------------------------------------------------- UNet

@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from library.errors import ModelSaveError
 from library.models import original_layout as ol
 from library.models.checkpoint import METADATA_CONFIG_KEY, CheckpointReader
-from library.models.families import Family
+from library.models.loaded import LoadedModel
 from library.utils.atomic import atomic_dir, save_safetensors, save_torch, write_json
-
-if TYPE_CHECKING:
-    from library.models.loading import LoadedModel
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +37,7 @@ def _cast(sd: dict, dtype: torch.dtype | None) -> dict:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def to_original_state_dict(model: "LoadedModel", dtype: torch.dtype | None = None, dry_run: bool = False) -> dict:
+def to_original_state_dict(model: LoadedModel, dtype: torch.dtype | None = None, dry_run: bool = False) -> dict:
     """The model's weights under original-layout keys (``dry_run``: meta tensors, for key names only)."""
 
     def sd_of(m) -> dict:
@@ -51,17 +46,17 @@ def to_original_state_dict(model: "LoadedModel", dtype: torch.dtype | None = Non
 
     out = ol.unet_to_original(sd_of(model.unet), model.model_config["unet"])
     out.update(ol.vae_to_original(sd_of(model.vae), model.model_config["vae"]))
-    for te, (prefix, open_clip) in zip(model.text_encoders, ol.TE_PREFIXES[model.family]):
+    for te, (prefix, open_clip) in zip(model.text_encoders, model.family.te_prefixes):
         te_sd = sd_of(te)
         part = ol.open_clip_to_original(te_sd, prefix) if open_clip else ol.clip_to_original(te_sd, prefix)
-        if model.family is Family.SD2:
+        if model.family.pads_last_te_layer:
             n = te.config.num_hidden_layers
             part.update(ol.sd2_dummy_last_layer(part, prefix, n))
         out.update(part)
     return _cast(out, dtype)
 
 
-def save_single_file(model: "LoadedModel", path: str | Path, save_dtype: torch.dtype | None = None,
+def save_single_file(model: LoadedModel, path: str | Path, save_dtype: torch.dtype | None = None,
                      metadata: dict[str, str] | None = None, epoch: int = 0, global_step: int = 0) -> None:
     """Write the model in the original layout (``.safetensors`` or ``.ckpt`` by suffix).
 
@@ -85,28 +80,27 @@ def save_single_file(model: "LoadedModel", path: str | Path, save_dtype: torch.d
     logger.info("saved %s model to %s", model.family.pretty, path)
 
 
-def _model_index(model: "LoadedModel") -> dict:
+def _model_index(model: LoadedModel) -> dict:
     import diffusers
 
-    xl = model.family is Family.SDXL
+    family = model.family
     idx = {
-        "_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+        "_class_name": family.pipeline_name,
         "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "EulerDiscreteScheduler" if xl else "DDIMScheduler"],
+        "scheduler": ["diffusers", family.scheduler_name],
         "text_encoder": ["transformers", type(model.text_encoders[0]).__name__],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if xl:
-        idx.update(text_encoder_2=["transformers", type(model.text_encoders[1]).__name__],
-                   tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
-    else:
-        idx.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    for i, te in enumerate(model.text_encoders[1:], start=2):
+        idx.update({f"text_encoder_{i}": ["transformers", type(te).__name__],
+                    f"tokenizer_{i}": ["transformers", "CLIPTokenizer"]})
+    idx.update(family.model_index_extras())
     return idx
 
 
-def save_diffusers(model: "LoadedModel", folder: str | Path, save_dtype: torch.dtype | None = None,
+def save_diffusers(model: LoadedModel, folder: str | Path, save_dtype: torch.dtype | None = None,
                    use_safetensors: bool = True) -> None:
     """Write a diffusers folder (replacing ``folder`` atomically as a whole)."""
     with atomic_dir(folder) as tmp:
@@ -136,7 +130,7 @@ def _save_component(module, folder: Path, dtype, use_safetensors: bool, stem: st
         save_torch(sd, folder / ("pytorch_model.bin" if stem == "model" else f"{stem}.bin"))
 
 
-def save_model(model: "LoadedModel", path: str | Path, save_model_as: str, save_precision: str | None = None,
+def save_model(model: LoadedModel, path: str | Path, save_model_as: str, save_precision: str | None = None,
                metadata: dict[str, str] | None = None) -> None:
     """Save in one of kohya's ``--save_model_as`` formats."""
     dtype = precision_dtype(save_precision)

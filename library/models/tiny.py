@@ -15,6 +15,10 @@ from typing import Any
 import torch
 
 from library.models.families import Family
+from library.models.loaded import LoadedModel, te_config_dict
+from library.models.tokenizers import bytes_to_unicode
+
+_bytes_to_unicode = bytes_to_unicode  # the older private name
 
 # A small English word list: each becomes a single token of the tiny tokenizer, so short
 # captions tokenize into a realistic number of tokens. Other words fall back to characters.
@@ -28,23 +32,10 @@ TINY_WORDS = (
 ).split()
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP byte-to-printable-character table (a published, fixed mapping)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def tiny_vocab_and_merges(words: tuple[str, ...] | list[str] = TINY_WORDS) -> tuple[dict[str, int], list[str]]:
     """A CLIP-style BPE vocabulary: all byte symbols (with and without ``</w>``), whole-word
     tokens for ``words`` built by left-to-right merges, then the two special tokens."""
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
     seen = set(vocab_list)
@@ -107,47 +98,11 @@ def _text_encoder(vocab_size: int, width: int, act: str, with_projection: bool, 
 
 def unet_config(family: Family) -> dict:
     """Tiny UNet2DConditionModel config with the family's real block layout."""
-    common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8)
-    if family is Family.SDXL:
-        return dict(
-            common,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            block_out_channels=(32, 64, 64),
-            transformer_layers_per_block=(1, 2, 2),
-            attention_head_dim=(2, 4, 4),
-            cross_attention_dim=96,  # 32 (TE1) + 64 (TE2)
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            projection_class_embeddings_input_dim=64 + 6 * 8,
-        )
-    cfg = dict(
-        common,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(32, 32, 64, 64),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-    )
-    if family is Family.SD2:
-        cfg.update(attention_head_dim=(2, 2, 4, 4), use_linear_projection=True)
-    return cfg
+    return Family(family).tiny_unet_config()
 
 
 def vae_config(family: Family) -> dict:
-    return dict(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=0.13025 if family is Family.SDXL else 0.18215,
-    )
+    return Family(family).tiny_vae_config()
 
 
 def scheduler_config(v_prediction: bool = False) -> dict:
@@ -169,18 +124,13 @@ def build_tiny_model(family: Family, seed: int = 0, v_prediction: bool = False) 
 
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    family = Family(family)
     try:
-        tok1 = tiny_tokenizer()
-        if family is Family.SDXL:
-            tok2 = tiny_tokenizer(pad_token="!")
-            te1 = _text_encoder(len(tok1), 32, "quick_gelu", False, tok1)
-            te2 = _text_encoder(len(tok2), 64, "gelu", True, tok2)
-            tes, toks = [te1, te2], [tok1, tok2]
-        elif family is Family.SD2:
-            tok1 = tiny_tokenizer(pad_token="!")
-            tes, toks = [_text_encoder(len(tok1), 32, "gelu", False, tok1)], [tok1]
-        else:
-            tes, toks = [_text_encoder(len(tok1), 32, "quick_gelu", False, tok1)], [tok1]
+        toks, tes = [], []
+        for spec in family.tiny_text_encoders:
+            tok = tiny_tokenizer(pad_token=spec.pad_token)
+            toks.append(tok)
+            tes.append(_text_encoder(len(tok), spec.width, spec.act, spec.projection, tok))
         unet = UNet2DConditionModel(**unet_config(family))
         vae = AutoencoderKL(**vae_config(family))
     finally:
@@ -190,16 +140,15 @@ def build_tiny_model(family: Family, seed: int = 0, v_prediction: bool = False) 
     return TinyModel(family, unet, vae, tes, toks, scheduler_config(v_prediction))
 
 
-def tiny_loaded_model(family: Family, seed: int = 0, v_prediction: bool = False):
-    """A tiny model as a :class:`library.models.loading.LoadedModel`, ready to save in either layout."""
-    from library.models.loading import LoadedModel, _te_config_dict
-
+def tiny_loaded_model(family: Family, seed: int = 0, v_prediction: bool = False) -> LoadedModel:
+    """A tiny model as a :class:`library.models.loaded.LoadedModel`, ready to save in either layout."""
+    family = Family(family)
     m = build_tiny_model(family, seed=seed, v_prediction=v_prediction)
     cfg = {
         "family": family.value,
         "unet": unet_config(family),
         "vae": vae_config(family),
-        "text_encoders": [{"cls": type(t).__name__, "config": _te_config_dict(t)} for t in m.text_encoders],
+        "text_encoders": [{"cls": type(t).__name__, "config": te_config_dict(t)} for t in m.text_encoders],
         "scheduler": m.scheduler_config,
     }
     return LoadedModel(family, m.unet, m.vae, m.text_encoders, m.tokenizers, m.scheduler_config, v_prediction, cfg)

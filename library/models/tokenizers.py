@@ -1,6 +1,6 @@
 """Finding CLIP tokenizers offline.
 
-Order, for each tokenizer a family needs (kohya's hub ids, see ``families.TOKENIZER_IDS``):
+Order, for each tokenizer a family needs (kohya's hub ids, see ``Family.tokenizer_ids``):
 
 1. the diffusers model folder (``tokenizer/``, ``tokenizer_2/``);
 2. ``--tokenizer_cache_dir`` in kohya's layout: ``<dir>/<hub id with "/" replaced by "_">``;
@@ -19,7 +19,7 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from library.models.families import TOKENIZER_IDS, Family
+from library.models.families import Family
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,20 @@ MAX_LENGTH = 77
 
 def _pad_token(family: Family, index: int) -> str | None:
     # SD2's tokenizer and SDXL's second tokenizer (OpenCLIP) pad with "!" (kohya sets it the same way).
-    return "!" if (family is Family.SD2 or (family is Family.SDXL and index == 1)) else None
+    return family.tokenizer_pads[index]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP byte-to-printable-character table (a published, fixed mapping)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 def user_cache_dir() -> Path:
@@ -79,7 +92,8 @@ def load_tokenizers(
     from transformers import CLIPTokenizer
 
     tokenizers = []
-    for i, (hub_id, subfolder) in enumerate(TOKENIZER_IDS[family]):
+    family = Family(family)
+    for i, (hub_id, subfolder) in enumerate(family.tokenizer_ids):
         pad = _pad_token(family, i)
         tried: list[str] = []
         if model_folder is not None:
@@ -157,12 +171,10 @@ def build_clip_tokenizer(pad_token: str | None = None):
 
     from transformers import CLIPTokenizer
 
-    from library.models.tiny import _bytes_to_unicode
-
     data = resources.files("library.models").joinpath("data/bpe_simple_vocab_16e6.txt.gz").read_bytes()
     lines = gzip.decompress(data).decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = list(bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     vocab_list += ["<|startoftext|>", "<|endoftext|>"]
     tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab_list)}, merges=merges)
@@ -171,15 +183,16 @@ def build_clip_tokenizer(pad_token: str | None = None):
 
 def write_builtin_tokenizers(family: Family, cache_dir: str | os.PathLike) -> list[Path]:
     """Write the family's tokenizers, rebuilt from the bundled vocabulary, into a kohya-layout cache."""
-    toks = [build_clip_tokenizer(_pad_token(family, i)) for i in range(len(TOKENIZER_IDS[family]))]
+    family = Family(family)
+    toks = [build_clip_tokenizer(_pad_token(family, i)) for i in range(len(family.tokenizer_ids))]
     save_tokenizer_cache(toks, family, cache_dir)
-    return [cache_folder(cache_dir, hub_id) for hub_id, _ in TOKENIZER_IDS[family]]
+    return [cache_folder(cache_dir, hub_id) for hub_id, _ in family.tokenizer_ids]
 
 
 def save_tokenizer_cache(tokenizers: list, family: Family, cache_dir: str | os.PathLike) -> None:
     """Write tokenizers into a ``--tokenizer_cache_dir`` in kohya's layout."""
     from library.utils.atomic import atomic_dir
 
-    for tok, (hub_id, _) in zip(tokenizers, TOKENIZER_IDS[family]):
+    for tok, (hub_id, _) in zip(tokenizers, Family(family).tokenizer_ids):
         with atomic_dir(cache_folder(cache_dir, hub_id)) as tmp:
             tok.save_pretrained(str(tmp))

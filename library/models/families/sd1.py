@@ -1,13 +1,16 @@
-"""Stable Diffusion 1.x / 2.x family adapter: one CLIP text encoder, kohya's chunked long prompts."""
+"""Stable Diffusion 1.x: one CLIP ViT-L text encoder, kohya's chunked long prompts.
+
+Also the shared SD1/SD2 pieces: :func:`text_hidden_states` (``--clip_skip``), :func:`merge_chunks`
+(long-prompt layout) and :class:`SDAdapter`, which SD2 reuses.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from library.models.families import Family
-from library.training.family import Conditioning, FamilyAdapter, register_family
+from library.models.families.base import Conditioning, Family, FamilyAdapter, register
 
 
 def text_hidden_states(text_encoder: torch.nn.Module, input_ids: torch.Tensor, clip_skip: int | None) -> torch.Tensor:
@@ -49,11 +52,8 @@ def merge_chunks(hidden: torch.Tensor, input_ids: torch.Tensor, eos_token_id: in
     return torch.cat([hidden[:, 0, :1], middles.reshape(b, n * (length - 2), d), hidden[:, -1, -1:]], dim=1)
 
 
-@register_family(Family.SD1)
 class SDAdapter(FamilyAdapter):
-    """SD1.x (and, via :class:`SD2Adapter`, SD2.x)."""
-
-    family = Family.SD1
+    """SD1.x and SD2.x: one text encoder, states of the last layer (or ``--clip_skip``'s), normed."""
 
     def tokenize(self, tokenizers: list, captions: list[str], max_token_length: int | None) -> list[torch.Tensor]:
         from library.data.tokenize import tokenize_captions
@@ -73,15 +73,38 @@ class SDAdapter(FamilyAdapter):
                 cond: Conditioning, batch: dict[str, Any] | None = None) -> torch.Tensor:
         return unet(noisy_latents, timesteps, cond.hidden_states, return_dict=False)[0]
 
+    def prompt_hidden_states(self, text_encoder: torch.nn.Module, index: int, input_ids: torch.Tensor,
+                             clip_skip: int | None) -> tuple[torch.Tensor, Any]:
+        return text_hidden_states(text_encoder, input_ids, clip_skip), None
+
     def base_model_version(self, v2: bool, v_parameterization: bool) -> str:
         return ("sd_v2" if v2 else "sd_v1") + ("_v" if v_parameterization else "")
 
-    def pipeline_class(self) -> type:
-        from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline
+class SD1(Family):
+    """SD1.x (512 px, epsilon)."""
+
+    value = "sd1"
+    pretty = "SD1.x"
+    adapter_class = SDAdapter
+
+    def detect_keys(self, keys: set[str], config: Mapping | None) -> bool:
+        return any(k.startswith("cond_stage_model.transformer.") for k in keys)
+
+    def detect_diffusers(self, unet_config: Mapping, te_config: Mapping, model_index: Mapping) -> bool:
+        # no SDXL size embedding, OpenAI CLIP (quick_gelu) width 768 rather than SD2's OpenCLIP
+        return unet_config.get("addition_embed_type") != "text_time" and not (
+            te_config.get("hidden_act") == "gelu" or unet_config.get("cross_attention_dim") == 1024)
+
+    def tiny_unet_config(self) -> dict:
+        return dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            block_out_channels=(32, 32, 64, 64),
+            cross_attention_dim=32,
+            attention_head_dim=4,
+        )
 
 
-@register_family(Family.SD2)
-class SD2Adapter(SDAdapter):
-    family = Family.SD2
+SD1_FAMILY = register(SD1())

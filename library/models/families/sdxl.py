@@ -1,4 +1,4 @@
-"""SDXL family adapter: two CLIP text encoders, a pooled text embedding and size/crop time ids.
+"""SDXL base: two CLIP text encoders, a pooled text embedding and size/crop time ids.
 
 Conditioning, as kohya's SDXL strategy and diffusers' ``StableDiffusionXLPipeline`` build it:
 
@@ -20,17 +20,17 @@ Conditioning, as kohya's SDXL strategy and diffusers' ``StableDiffusionXLPipelin
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-from library.models.families import Family
-from library.training.family import Conditioning, FamilyAdapter, register_family
-from library.training.family_sd import merge_chunks
+from library.models.families.base import Conditioning, Family, FamilyAdapter, TinyTextEncoder, register
+from library.models.families.sd1 import merge_chunks
 
 logger = logging.getLogger(__name__)
 
 BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for SDXL base
+ARCH_XL_V1_BASE = "stable-diffusion-xl-v1-base"
 
 
 def penultimate_hidden_states(text_encoder: torch.nn.Module, input_ids: torch.Tensor
@@ -69,12 +69,8 @@ def time_ids_from_batch(batch: dict[str, Any] | None, latents: torch.Tensor) -> 
     return ids.to(latents.device, torch.float32)
 
 
-@register_family(Family.SDXL)
 class SDXLAdapter(FamilyAdapter):
     """SDXL base: TE1 + TE2 penultimate states (2048 features), TE2 pooled output, time ids."""
-
-    family = Family.SDXL
-    n_text_encoders = 2
 
     def tokenize(self, tokenizers: list, captions: list[str], max_token_length: int | None) -> list[torch.Tensor]:
         from library.data.tokenize import tokenize_captions
@@ -109,10 +105,69 @@ class SDXLAdapter(FamilyAdapter):
         hidden = cond.hidden_states.to(noisy_latents.device, noisy_latents.dtype)
         return unet(noisy_latents, timesteps, hidden, added_cond_kwargs=added, return_dict=False)[0]
 
-    def base_model_version(self, v2: bool, v_parameterization: bool) -> str:
+    def prompt_hidden_states(self, text_encoder: torch.nn.Module, index: int, input_ids: torch.Tensor,
+                             clip_skip: int | None) -> tuple[torch.Tensor, Any]:
+        # gen_img: the penultimate layer by default, --clip_skip k the k-th from the end; no final norm
+        out = text_encoder(input_ids, output_hidden_states=True, return_dict=True)
+        return out.hidden_states[-(clip_skip or 2)], out
+
+    def prompt_pooled(self, text_encoder: torch.nn.Module, index: int, output: Any, input_ids: torch.Tensor,
+                      eos_token_id: int) -> torch.Tensor | None:
+        if index != 1:
+            return None
+        return pooled_embedding(text_encoder, output.last_hidden_state, input_ids, eos_token_id)
+
+
+class SDXL(Family):
+    value = "sdxl"
+    pretty = "SDXL"
+    adapter_class = SDXLAdapter
+    train_network_script = "sdxl_train_network.py"
+    tokenizer_ids = (("openai/clip-vit-large-patch14", None), ("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", None))
+    tokenizer_pads = (None, "!")  # the second (OpenCLIP) tokenizer pads with "!"
+    text_encoder_classes = ("CLIPTextModel", "CLIPTextModelWithProjection")
+    te_prefixes = (("conditioner.embedders.0.transformer.", False), ("conditioner.embedders.1.model.", True))
+    lora_key_layout = "sdxl"
+    bucket_multiple = 32  # the UNet halves the latents three times
+    supports_te_cache = True
+    latent_scale = 0.13025
+    pipeline_name = "StableDiffusionXLPipeline"
+    scheduler_name = "EulerDiscreteScheduler"
+    modelspec_lora_sgm = True
+    modelspec_architectures = (ARCH_XL_V1_BASE,)
+    default_resolution = (1024, 1024)
+    tiny_text_encoders = (TinyTextEncoder(32, "quick_gelu"),
+                          TinyTextEncoder(64, "gelu", projection=True, pad_token="!"))
+
+    def detect_keys(self, keys: set[str], config: Mapping | None) -> bool:
+        return "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+
+    def detect_diffusers(self, unet_config: Mapping, te_config: Mapping, model_index: Mapping) -> bool:
+        return unet_config.get("addition_embed_type") == "text_time"
+
+    def base_model_version(self, v_parameterization: bool) -> str:
         return BASE_MODEL_VERSION
 
-    def pipeline_class(self) -> type:
-        from diffusers import StableDiffusionXLPipeline
+    def model_index_extras(self) -> dict:
+        extras: dict = dict(force_zeros_for_empty_prompt=True)
+        if self.base is not None:
+            extras["_sdtk_family"] = self.value
+        return extras
 
-        return StableDiffusionXLPipeline
+    def tiny_unet_config(self) -> dict:
+        return dict(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64, 64),
+            transformer_layers_per_block=(1, 2, 2),
+            attention_head_dim=(2, 4, 4),
+            cross_attention_dim=96,  # 32 (TE1) + 64 (TE2)
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=64 + 6 * 8,
+        )
+
+
+SDXL_FAMILY = register(SDXL())
