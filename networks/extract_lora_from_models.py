@@ -309,9 +309,9 @@ def extract(args: argparse.Namespace) -> int:
                 _trim_heap()
 
     v_param = args.v_parameterization if args.v_parameterization is not None else (
-        org.v_parameterization if org.v_parameterization is not None else family is Family.SD2)
+        org.v_parameterization if org.v_parameterization is not None else family.v2)
     net_kwargs = {} if args.conv_dim is None else {"conv_dim": str(args.conv_dim), "conv_alpha": str(float(args.conv_dim))}
-    metadata = common.minimum_network_metadata(str(family is Family.SD2), common.base_model_version(family, v_param),
+    metadata = common.minimum_network_metadata(str(family.v2), common.base_model_version(family, v_param),
                                                str(args.dim), str(float(args.dim)), net_kwargs)
     if not args.no_metadata:
         metadata.update(common.lora_modelspec(family, v_param, out))

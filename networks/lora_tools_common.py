@@ -160,7 +160,7 @@ def check_ratios(models: Sequence[str] | None, ratios: Sequence[float] | None) -
 
 
 def _family_text(family: Family | None) -> str:
-    return "SD1.x/SD2.x" if family in (None, Family.SD1, Family.SD2) else family.pretty
+    return "SD1.x/SD2.x" if family is None or family.lora_key_layout == "sd" else family.pretty
 
 
 def require_lora_family(files: Sequence[LoRAFile], sdxl_tool: bool, tool: str) -> Family | None:
