@@ -10,7 +10,7 @@ original size). The UNet is trained (``--block_lr``: 23 per-block learning rates
 encoders with ``--train_text_encoder`` (``--learning_rate_te1`` / ``--learning_rate_te2``; 0 leaves
 one frozen); frozen encoders can be cached (``--cache_text_encoder_outputs``). The template is
 train_network.py's with the full-model target (library/training/targets/full_model.py) and the
-SDXL family and caching of sdxl_train_network.py. See docs/fine_tune.md. SD1.x/SD2.x: fine_tune.py.
+SDXL family and caching of library/training/sdxl_stage.py. See docs/fine_tune.md. SD1.x/SD2.x: fine_tune.py.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from library.errors import ConfigError  # noqa: E402
 from library.models.families import Family  # noqa: E402
 from library.training.targets.full_model import TextEncoderPlan  # noqa: E402
+from library.training.sdxl_stage import SdxlStage  # noqa: E402
 from library.training.targets.full_trainer import FullModelTrainer  # noqa: E402
-from sdxl_train_network import SdxlNetworkTrainer  # noqa: E402
 
 SCRIPT = "sdxl_train"
 UNET_NUM_BLOCKS_FOR_BLOCK_LR = 23  # kohya: embeddings, 9 input, 3 middle, 9 output blocks, out
@@ -80,7 +80,7 @@ def block_param_groups(lrs: list[float]) -> Callable[[Any], list[dict[str, Any]]
     return groups
 
 
-class SdxlTrainer(FullModelTrainer, SdxlNetworkTrainer):
+class SdxlTrainer(FullModelTrainer, SdxlStage):
     """kohya's ``sdxl_train.py``: the full-model target with the SDXL family and TE-output caching."""
 
     script_name = SCRIPT
@@ -105,11 +105,7 @@ class SdxlTrainer(FullModelTrainer, SdxlNetworkTrainer):
         parse_block_lr(a.block_lr)
         FullModelTrainer.preflight(self)
         if a.cache_text_encoder_outputs:  # per-subset caption options must not change the captions either
-            from library.config.dataset_config import build_blueprint_for_args
-            from library.data.te_cache import check_cacheable
-
-            blueprint = build_blueprint_for_args(vars(a))
-            check_cacheable([s for d in blueprint.datasets for s in d.subsets], bool(a.train_text_encoder))
+            self.check_te_cacheable()
 
 
 def main(argv: list[str] | None = None, trainer_cls: Any = None) -> int:

@@ -9,7 +9,7 @@ One embedding per text encoder (CLIP ViT-L and OpenCLIP ViT-bigG), trained toget
 VAE and text encoders stay frozen. The result is one file with ``clip_l`` [n, 768] and ``clip_g``
 [n, 1280] tensors, the layout A1111, ComfyUI and diffusers read for SDXL (gen_img.py:
 ``--textual_inversion_embeddings``). The template is train_textual_inversion.py's with the SDXL
-family of sdxl_train_network.py. See docs/textual_inversion.md.
+family of library/training/sdxl_stage.py. See docs/textual_inversion.md.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from library.models.families import Family  # noqa: E402
+from library.training.sdxl_stage import SdxlStage  # noqa: E402
 from library.training.targets.embedding_trainer import EmbeddingTrainer  # noqa: E402
-from sdxl_train_network import SdxlNetworkTrainer  # noqa: E402
 
 SCRIPT = "sdxl_train_textual_inversion"
 
 
-class SdxlTextualInversionTrainer(EmbeddingTrainer, SdxlNetworkTrainer):
+class SdxlTextualInversionTrainer(EmbeddingTrainer, SdxlStage):
     """kohya's ``SdxlTextualInversionTrainer``: the embeddings target with the SDXL family."""
 
     script_name = SCRIPT

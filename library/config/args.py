@@ -265,7 +265,7 @@ def parse_args(script: str, argv: Sequence[str] | None = None) -> argparse.Names
     if problems:
         raise ConfigError(problems)
     args = argparse.Namespace(**values)
-    if getattr(args, "output_config", False):  # scripts without --output_config (gen_img)
+    if values.get("output_config"):  # scripts without --output_config (gen_img) never write one
         path = write_effective_config(args)
         logger.info("wrote the effective config to %s; exiting without training", path)
     return args
@@ -415,18 +415,23 @@ def effective_config_toml(args: argparse.Namespace) -> str:
 
 
 def output_config_path(args: argparse.Namespace) -> Path:
-    """Where --output_config writes: the --config_file path, else <output_dir>/<output_name>.toml."""
-    if getattr(args, "config_file", None):
-        return config_file_path(args.config_file)
-    if not getattr(args, "output_dir", None):
+    """Where --output_config writes: the --config_file path, else <output_dir>/<output_name>.toml.
+
+    ``args`` is a namespace of :func:`parse_args` for any script: one without ``--config_file`` /
+    ``--output_dir`` / ``--output_name`` reads them as unset.
+    """
+    values = vars(args)
+    if values.get("config_file"):
+        return config_file_path(values["config_file"])
+    if not values.get("output_dir"):
         raise ConfigError("--output_config needs --config_file FILE (where to write) or --output_dir")
-    return Path(args.output_dir) / f"{getattr(args, 'output_name', None) or 'last'}.toml"
+    return Path(values["output_dir"]) / f"{values.get('output_name') or 'last'}.toml"
 
 
 def write_effective_config(args: argparse.Namespace) -> Path:
     """Write :func:`effective_config_toml` for --output_config (atomically); return the path."""
     path = output_config_path(args)
-    if getattr(args, "config_file", None) and path.exists():
+    if vars(args).get("config_file") and path.exists():
         raise ConfigError(f"--output_config: {path} already exists; remove it or name another "
                           "--config_file (kohya also refuses to overwrite it)")
     write_text(path, effective_config_toml(args))

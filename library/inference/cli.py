@@ -31,8 +31,10 @@ def check_args(args) -> list[str]:
     if args.strength is not None and not args.image_path and args.highres_fix_scale is None:
         problems.append("--strength is for img2img or highres fix: give --image_path or --highres_fix_scale too")
     if args.highres_fix_scale is None:
-        given = [f for f in ("highres_fix_strength", "highres_fix_save_1st", "highres_fix_latents_upscaling")
-                 if getattr(args, f) not in (None, False)]
+        given = [name for name, value in (("highres_fix_strength", args.highres_fix_strength),
+                                          ("highres_fix_save_1st", args.highres_fix_save_1st),
+                                          ("highres_fix_latents_upscaling", args.highres_fix_latents_upscaling))
+                 if value not in (None, False)]
         if given:
             problems.append(f"--{given[0]} is a highres fix setting: give --highres_fix_scale too")
     elif args.highres_fix_strength is not None and not args.image_path:
@@ -69,12 +71,16 @@ def image_size(path: str) -> tuple[int, int]:
 def check_family(args, model) -> None:
     from library.models.families import Family
 
-    wanted = {"sdxl": Family.SDXL, "v1": Family.SD1, "v2": Family.SD2}
-    for flag, family in wanted.items():
-        if getattr(args, flag) and model.family is not family:
+    wanted = (("sdxl", args.sdxl, Family.SDXL), ("v1", args.v1, Family.SD1), ("v2", args.v2, Family.SD2))
+    for flag, given, family in wanted:
+        if given and model.family is not family:
             raise ConfigError(f"--{flag} was given but {args.ckpt} is an {model.family.pretty} model")
-    sizes = [n for n in ("original_width", "original_height", "original_width_negative", "original_height_negative",
-                         "crop_top", "crop_left") if getattr(args, n) is not None]
+    sizes = [name for name, value in (("original_width", args.original_width),
+                                      ("original_height", args.original_height),
+                                      ("original_width_negative", args.original_width_negative),
+                                      ("original_height_negative", args.original_height_negative),
+                                      ("crop_top", args.crop_top), ("crop_left", args.crop_left))
+             if value is not None]
     if sizes and model.family is not Family.SDXL:
         raise ConfigError(f"--{sizes[0]} is SDXL size conditioning; {args.ckpt} is an {model.family.pretty} model")
 

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from library.config.settings import flag_values
+
 logger = logging.getLogger(__name__)
 
 DEBUG_DIR_NAME = "debug_dataset"
@@ -71,9 +73,10 @@ class DebugReport:
 
 def debug_requested(args: Any) -> bool:
     """``--debug_dataset``, or ``debug_dataset = true`` in the ``[general]`` table of ``--dataset_config``."""
-    if getattr(args, "debug_dataset", False):
+    flags = flag_values(args)
+    if flags["debug_dataset"]:
         return True
-    if not getattr(args, "dataset_config", None):
+    if not flags["dataset_config"]:
         return False
     from library.config.dataset_config import build_blueprint_for_args
     from library.errors import SdtkError

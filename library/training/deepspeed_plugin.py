@@ -17,8 +17,8 @@ Differences from kohya, on purpose:
   DeepSpeed per backward pass, and the loss scale keeps sdtk's "sum of per-process shares";
 - under ZeRO-3 every process gathers the partitioned weights for a save, so the saved model is
   complete (kohya's unwrap of a ZeRO-3 model saves empty tensors);
-- flag combinations DeepSpeed would ignore or fail on later are refused before anything loads
-  (:func:`deepspeed_problems`).
+- flag combinations DeepSpeed would ignore or fail on later are refused when the flags are parsed
+  (:func:`library.config.flags.rules.deepspeed_problems`).
 
 Not supported with ``--deepspeed`` yet: ``--save_state`` / ``--resume`` (sdtk's exact states would
 need every process's optimizer partition), ``--stop_text_encoder_training`` within the run,
@@ -38,81 +38,13 @@ from typing import Any, Iterator
 
 import torch
 
+from library.config.flags.rules import deepspeed_problems  # noqa: F401  (the flag rules live there)
+from library.config.settings import DeepSpeedSettings
 from library.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'sdtk[deepspeed]' (or: DS_BUILD_OPS=0 pip install deepspeed)"
-_OFFLOADING_OPTIMIZERS = ("", "adamw", "adam")  # accelerate swaps these for DeepSpeed's CPU Adam
-
-
-def deepspeed_problems(a: Any) -> list[str]:
-    """Every problem of the DeepSpeed flags (empty when fine); nothing is imported or loaded."""
-    ds = bool(getattr(a, "deepspeed", False))
-    stage = getattr(a, "zero_stage", 2)
-    opt_dev, param_dev = getattr(a, "offload_optimizer_device", None), getattr(a, "offload_param_device", None)
-    problems = []
-    if not ds:
-        given = [f"--{k}" for k in ("offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
-                                    "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
-                                    "fp16_master_weights_and_gradients") if getattr(a, k, None)]
-        return [f"{', '.join(given)} only work{'s' if len(given) == 1 else ''} with --deepspeed"] if given else []
-    for kind, dev in (("optimizer", opt_dev), ("param", param_dev)):
-        path = getattr(a, f"offload_{kind}_nvme_path", None)
-        if dev == "nvme" and not path:
-            problems.append(f"--offload_{kind}_device nvme needs --offload_{kind}_nvme_path (a folder on the NVMe drive)")
-        elif path and dev != "nvme":
-            problems.append(f"--offload_{kind}_nvme_path needs --offload_{kind}_device nvme")
-        elif path and not os.path.isdir(path):
-            problems.append(f"--offload_{kind}_nvme_path {path}: no such folder")
-    if opt_dev and stage == 0:
-        problems.append(f"--offload_optimizer_device {opt_dev} needs --zero_stage 1, 2 or 3 (stage 0 has no "
-                        "partitioned optimizer to offload)")
-    if opt_dev == "nvme" and stage != 3:
-        problems.append("--offload_optimizer_device nvme needs --zero_stage 3 (ZeRO-Infinity)")
-    if param_dev and stage != 3:
-        problems.append(f"--offload_param_device {param_dev} needs --zero_stage 3 (only stage 3 partitions the "
-                        "weights)")
-    if opt_dev and (getattr(a, "optimizer_type", "") or "").lower() not in _OFFLOADING_OPTIMIZERS:
-        problems.append(f"--offload_optimizer_device with --optimizer_type {a.optimizer_type}: an offloaded optimizer "
-                        "is DeepSpeed's CPU Adam (accelerate replaces the optimizer by it); use --optimizer_type "
-                        "AdamW")
-    if getattr(a, "zero3_save_16bit_model", False) and stage != 3:
-        problems.append("--zero3_save_16bit_model needs --zero_stage 3")
-    if getattr(a, "fp16_master_weights_and_gradients", False) and not (
-            a.mixed_precision == "fp16" and stage == 2 and opt_dev == "cpu"):
-        problems.append("--fp16_master_weights_and_gradients needs --mixed_precision fp16, --zero_stage 2 and "
-                        "--offload_optimizer_device cpu (DeepSpeed supports it only with ZeRO-Offload's CPU Adam)")
-    if getattr(a, "fused_backward_pass", False):
-        problems.append("--fused_backward_pass cannot be used with --deepspeed (DeepSpeed steps the optimizer "
-                        "itself); drop one of them")
-    for flag in ("save_state", "save_state_on_train_end", "resume"):
-        if getattr(a, flag, None):
-            problems.append(f"--{flag} is not supported with --deepspeed yet (an exact sdtk state needs every "
-                            "process's optimizer partition); save the model with --save_every_n_steps/epochs")
-    if stage == 3 and getattr(a, "ema", False):
-        problems.append("--ema cannot be used with --zero_stage 3 (the weights are partitioned over the "
-                        "processes); use --zero_stage 2")
-    if stage == 3 and getattr(a, "sample_prompts", None):
-        problems.append("--sample_prompts cannot be used with --zero_stage 3 (sampling runs on the main process, "
-                        "which does not hold the whole model); use --zero_stage 2, or sample the saved model")
-    stop = getattr(a, "stop_text_encoder_training", None)  # train_db.py
-    te_trained = bool(getattr(a, "train_text_encoder", False)) or (
-        hasattr(a, "stop_text_encoder_training") and (stop is None or stop > 0))
-    if stage == 3 and te_trained:
-        # ZeRO-3 gathers a module's weights when its forward starts; transformers' CLIP reads a child's weight
-        # (position_embedding.weight.shape) before calling it, and fails on the empty partition
-        problems.append("--zero_stage 3 trains the UNet only in sdtk (transformers' CLIP text encoders fail on "
-                        "ZeRO-3's partitioned weights); use --zero_stage 2, or do not train the text encoder "
-                        "(train_db.py: --stop_text_encoder_training -1; fine_tune.py / sdxl_train.py: without "
-                        "--train_text_encoder)")
-    if stop is not None and stop > 0 and (getattr(a, "max_train_epochs", None) or stop < a.max_train_steps):
-        problems.append(f"--stop_text_encoder_training {stop} cannot be used with --deepspeed yet (the text encoder "
-                        "cannot leave DeepSpeed's optimizer); train it for the whole run or not at all "
-                        "(--stop_text_encoder_training -1)")
-    if getattr(a, "torch_compile", False):
-        problems.append("--torch_compile cannot be used with --deepspeed in sdtk yet; drop one of them")
-    return problems
 
 
 def require_deepspeed() -> None:
@@ -140,11 +72,13 @@ def ensure_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def make_plugin(a: Any) -> Any:
-    """accelerate's ``DeepSpeedPlugin`` from the flags (kohya's ``prepare_deepspeed_plugin``; the flags are
-    checked by :func:`deepspeed_problems` first). Sets a one-process group's environment when none is set."""
+def make_plugin(a: DeepSpeedSettings | Any) -> Any:
+    """accelerate's ``DeepSpeedPlugin`` from the DeepSpeed settings (or the parsed flags they are built from;
+    kohya's ``prepare_deepspeed_plugin``; the flags are checked by :func:`deepspeed_problems` when parsed).
+    Sets a one-process group's environment when none is set."""
     from accelerate import DeepSpeedPlugin
 
+    a = DeepSpeedSettings.of(a)
     ensure_process_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     accum = max(1, a.gradient_accumulation_steps)

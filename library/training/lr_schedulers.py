@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from library.config.flags.rules import warmup_problem
 from library.errors import ConfigError
 from library.utils.ratios import floor_of
 
@@ -167,10 +168,9 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, name: str, total_steps:
     adafactor_lr = uses_adafactor_schedule(optimizer)
     if name.startswith("adafactor") or adafactor_lr is not None:
         return _adafactor(optimizer, name, adafactor_lr, warmup)
-    if name in ("constant",) and warmup:
-        # kohya refuses warmup for "constant" too; say what to use instead
-        raise ConfigError("--lr_warmup_steps needs --lr_scheduler constant_with_warmup (or another scheduler "
-                          "with warmup); 'constant' has no warmup")
+    warmup_refused = warmup_problem(name, warmup)  # the flag rule, for callers that did not parse flags
+    if warmup_refused:
+        raise ConfigError(warmup_refused)
     if name in _DELEGATED:
         try:
             return _delegated(optimizer, name, warmup, total_steps, timescale, min_lr_ratio, kwargs)

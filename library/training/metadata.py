@@ -12,6 +12,8 @@ import time
 from argparse import Namespace
 from typing import Any
 
+from library.config.settings import flag_values
+
 MINIMUM_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                 "ss_network_args")
 
@@ -67,13 +69,14 @@ def build_training_metadata(args: Namespace, *, session_id: int, started_at: flo
             ``ss_tag_frequency``, ``ss_dataset_dirs``, ...), already JSON-encoded where kohya does.
         model_hashes: ``ss_sd_model_hash`` / ``ss_new_sd_model_hash`` / ``ss_vae_hash`` ... when known.
     """
+    flags = flag_values(args)
     md: dict[str, Any] = {"ss_session_id": session_id, "ss_training_started_at": started_at}
     for key, attr in _ARG_KEYS:
-        md[key] = getattr(args, attr, None)
+        md[key] = flags[attr]
     for key, attr in _BOOL_KEYS:
-        md[key] = bool(getattr(args, attr, False))
+        md[key] = bool(flags[attr])
     for key, attr, off in _ACTIVE_ONLY_KEYS:
-        value = getattr(args, attr, None)
+        value = flags[attr]
         if value is not None and value != off and value not in ("", []):
             md[key] = value
     md.update(
@@ -85,12 +88,12 @@ def build_training_metadata(args: Namespace, *, session_id: int, started_at: flo
         ss_sd_scripts_commit_hash="sdtk",
     )
     md.update(dataset_info)
-    if getattr(args, "network_args", None):
+    if flags["network_args"]:
         md["ss_network_args"] = json.dumps(net_kwargs)
-    model = getattr(args, "pretrained_model_name_or_path", None)
+    model = flags["pretrained_model_name_or_path"]
     if model:
         md["ss_sd_model_name"] = os.path.basename(os.path.normpath(model)) if os.path.exists(model) else model
-    vae = getattr(args, "vae", None)
+    vae = flags["vae"]
     if vae:
         md["ss_vae_name"] = os.path.basename(os.path.normpath(vae)) if os.path.exists(vae) else vae
     md.update(model_hashes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from library.config.settings import flag_values
 from library.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def sanitized_config(args) -> dict | None:
     sdtk also leaves out every flag declared ``secret``. Values accelerate's trackers cannot
     store (lists, paths, ...) become their text.
     """
-    if not getattr(args, "log_config", False):
+    if not flag_values(args)["log_config"]:
         return None
     from library.config.flags import ALL_FLAGS
 
@@ -151,8 +152,9 @@ def check_tracker_args(args, active: list[str]) -> None:
             logger.warning("--log_tracker_config is ignored: no tracker is in use (set --logging_dir or --log_with)")
         load_tracker_config(args.log_tracker_config, active)
     if "wandb" not in active:
+        flags = flag_values(args)
         for flag in ("wandb_run_name", "wandb_api_key"):
-            if getattr(args, flag, None):
+            if flags[flag]:
                 logger.warning("--%s is ignored: W&B is not among the trackers (use --log_with wandb or all)", flag)
 
 
@@ -179,7 +181,7 @@ def init_trackers(accelerator, args, default_name: str) -> None:
 
     active = [t.name if isinstance(t, GeneralTracker) else str(t) for t in accelerator.log_with]
     init_kwargs = tracker_init_kwargs(args, active)
-    if "wandb" in active and getattr(args, "wandb_api_key", None):
+    if "wandb" in active and flag_values(args)["wandb_api_key"]:
         _wandb_login(args.wandb_api_key)
     accelerator.init_trackers(args.log_tracker_name or default_name, config=sanitized_config(args),
                               init_kwargs=init_kwargs)

@@ -1,4 +1,4 @@
-"""Build a training :class:`~library.training.trainer.Session` from parsed arguments.
+"""Build a training :class:`~library.training.session.Session` from parsed arguments.
 
 Order matters for memory: frozen parts are cast to the training dtype and put in eval /
 no-grad mode before the optimizer exists; with ``--cache_latents`` the VAE leaves the device
@@ -13,23 +13,25 @@ from typing import Any
 
 import torch
 
+from library.config.settings import DeepSpeedSettings, TrainingSettings, flag_values
 from library.errors import ConfigError, TrainingError
 from library.training import noise as N
 from library.training.data import ShardedPlan
 from library.training.lr_schedulers import build_lr_scheduler
 from library.training.optimizers import build_optimizer
-from library.training.trainer import Session, Trainer, num_epochs_for
+from library.training.session import Session, num_epochs_for
 
 logger = logging.getLogger(__name__)
 
 
-def make_accelerator(args: Any):
+def make_accelerator(args: Any, deepspeed: DeepSpeedSettings | None = None):
     """The run's ``Accelerator``: trackers, mixed precision and the process-group / DDP options.
 
     ``--ddp_gradient_as_bucket_view`` / ``--ddp_static_graph`` reach accelerate as a
     ``DistributedDataParallelKwargs`` handler (kohya's way). sdtk itself never wraps the network
     in DDP (it sums the LoRA gradients with one all-reduce per optimizer step), so these options
-    only matter for models a plugin prepares with accelerate.
+    only matter for models a plugin prepares with accelerate. ``deepspeed``: the run's DeepSpeed
+    settings (built from ``args`` when not given).
     """
     import os
 
@@ -41,10 +43,10 @@ def make_accelerator(args: Any):
     trackers = resolve_trackers(args.log_with, args.logging_dir)
     check_tracker_args(args, trackers)  # a broken --log_tracker_config fails now, not after model loading
     handlers: list[Any] = []
-    deepspeed = bool(getattr(args, "deepspeed", False))
+    ds = DeepSpeedSettings.of(deepspeed if deepspeed is not None else args)
     # DeepSpeed without a GPU: accelerate forms the process group only when told the backend (DeepSpeed's CPU
     # accelerator uses gloo); otherwise each process would see itself alone
-    gloo = {"backend": "gloo"} if deepspeed and not torch.cuda.is_available() else {}
+    gloo = {"backend": "gloo"} if ds.enabled and not torch.cuda.is_available() else {}
     if args.ddp_timeout or gloo:
         timeout = {"timeout": timedelta(minutes=args.ddp_timeout)} if args.ddp_timeout else {}
         handlers.append(InitProcessGroupKwargs(**timeout, **gloo))
@@ -52,10 +54,10 @@ def make_accelerator(args: Any):
         handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=bool(args.ddp_gradient_as_bucket_view),
                                                       static_graph=bool(args.ddp_static_graph)))
     ds_plugin = None
-    if deepspeed:  # before reading WORLD_SIZE: a single process gets its group's env here
+    if ds.enabled:  # before reading WORLD_SIZE: a single process gets its group's env here
         from library.training.deepspeed_plugin import make_plugin
 
-        ds_plugin = make_plugin(args)
+        ds_plugin = make_plugin(ds)
     # torchrun / accelerate on a machine without a GPU: accelerate needs cpu=True to form the gloo group
     # (DeepSpeed forms its group itself, with its CPU accelerator's gloo backend: cpu=True would bypass it)
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 and ds_plugin is None
@@ -127,33 +129,26 @@ def compile_unet(unet: torch.nn.Module, backend: str) -> None:
 
 
 def check_args(args: Any) -> None:
-    """Problems the trainer itself can see before loading anything (all at once)."""
-    problems = []
-    if args.full_fp16 and args.mixed_precision != "fp16":
-        problems.append("--full_fp16 needs --mixed_precision fp16")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        problems.append("--full_bf16 needs --mixed_precision bf16")
-    if args.network_train_unet_only and args.network_train_text_encoder_only:
-        problems.append("--network_train_unet_only and --network_train_text_encoder_only exclude each other")
+    """Problems the trainer itself can see before loading anything (all at once): the run's flag rules
+    (:func:`library.config.flags.rules.run_problems`; the parse-time rules ran in ``parse_args``) and this
+    machine's environment.
+    """
+    from library.config.flags.rules import run_problems
+
+    problems = run_problems(args)
+    flags = flag_values(args)
     if args.xformers and not torch.cuda.is_available():
         problems.append("--xformers needs a CUDA GPU (and the xformers package); on this machine use --sdpa")
     if args.gradient_accumulation_steps < 1:
         problems.append("--gradient_accumulation_steps must be at least 1")
-    if getattr(args, "torch_compile", False):
+    if flags["torch_compile"]:
         try:
             compile_backend(args.dynamo_backend, torch.cuda.is_available())
         except ConfigError as e:
             problems += e.problems
-    from library.training.step import check_loss_and_noise_args
+    if flags["deepspeed"]:
+        from library.training.deepspeed_plugin import require_deepspeed
 
-    problems += check_loss_and_noise_args(args)
-    from library.training.state import initial_step_problems
-
-    problems += initial_step_problems(args)
-    from library.training.deepspeed_plugin import deepspeed_problems, require_deepspeed
-
-    problems += deepspeed_problems(args)
-    if getattr(args, "deepspeed", False):
         try:
             require_deepspeed()
         except ConfigError as e:
@@ -162,8 +157,11 @@ def check_args(args: Any) -> None:
         raise ConfigError(problems)
 
 
-def setup_session(t: Trainer) -> Session:
-    """Everything from parsed args to a ready :class:`Session` (may resume from a state later)."""
+def setup_session(t: Any) -> Session:
+    """Everything from parsed args to a ready :class:`Session` (may resume from a state later).
+
+    ``t`` is the run's :class:`~library.training.trainer.Trainer` (its hooks build the parts).
+    """
     from library.training.memory import tune_allocator
 
     tune_allocator()  # before any large allocation
@@ -172,13 +170,14 @@ def setup_session(t: Trainer) -> Session:
     target = t.make_target()
     t.preflight()
     t.check_output_dir()
-    acc = make_accelerator(a)
+    settings = TrainingSettings.from_args(a)  # after the hooks above, which may complete the namespace
+    acc = make_accelerator(a, settings.deepspeed)
     seed = t.resolve_seed(acc)
     torch.manual_seed(seed)
     weight_dtype = t.weight_dtype()
 
     model = t.load_model()
-    if getattr(a, "base_weights", None):  # before fp8 / device moves; merged weights keep their dtype
+    if flag_values(a)["base_weights"]:  # before fp8 / device moves; merged weights keep their dtype
         from library.training.base_weights import merge_base_weights
 
         merge_base_weights(t.import_network_module(), model, a.base_weights, a.base_weights_multiplier,
@@ -213,21 +212,19 @@ def setup_session(t: Trainer) -> Session:
     else:
         max_steps = a.max_train_steps
     group.set_max_train_steps(max_steps)
-    opt_name, opt_args, optimizer = build_optimizer(a.optimizer_type, groups, a.learning_rate, a.optimizer_args,
-                                                    bool(getattr(a, "use_8bit_adam", False)),
-                                                    bool(getattr(a, "use_lion_optimizer", False)))
+    o, sch = settings.optimizer, settings.scheduler
+    opt_name, opt_args, optimizer = build_optimizer(o.optimizer_type, groups, o.learning_rate, o.optimizer_args,
+                                                    bool(o.use_8bit_adam), bool(o.use_lion_optimizer))
     from library.training.optimizers import is_schedule_free
 
-    scheduler = build_lr_scheduler(optimizer, a.lr_scheduler, max_steps, a.lr_warmup_steps,
-                                   a.lr_scheduler_num_cycles, a.lr_scheduler_power,
-                                   decay_steps=getattr(a, "lr_decay_steps", 0),
-                                   min_lr_ratio=getattr(a, "lr_scheduler_min_lr_ratio", None),
-                                   timescale=getattr(a, "lr_scheduler_timescale", None),
-                                   scheduler_type=getattr(a, "lr_scheduler_type", None),
-                                   scheduler_args=getattr(a, "lr_scheduler_args", None),
-                                   schedule_free=is_schedule_free(a.optimizer_type))
+    scheduler = build_lr_scheduler(optimizer, sch.lr_scheduler, max_steps, sch.lr_warmup_steps,
+                                   sch.lr_scheduler_num_cycles, sch.lr_scheduler_power,
+                                   decay_steps=sch.lr_decay_steps, min_lr_ratio=sch.lr_scheduler_min_lr_ratio,
+                                   timescale=sch.lr_scheduler_timescale, scheduler_type=sch.lr_scheduler_type,
+                                   scheduler_args=sch.lr_scheduler_args,
+                                   schedule_free=is_schedule_free(o.optimizer_type))
     engine = None
-    if getattr(a, "deepspeed", False):  # the trained modules and the optimizer go to DeepSpeed together
+    if settings.deepspeed.enabled:  # the trained modules and the optimizer go to DeepSpeed together
         from library.training.deepspeed_plugin import prepare as prepare_deepspeed
 
         engine, optimizer = prepare_deepspeed(acc, list(target.module), optimizer, a.mixed_precision or "no")
@@ -246,7 +243,8 @@ def setup_session(t: Trainer) -> Session:
                 alphas_cumprod=N.training_alphas_cumprod(noise_sched.betas, bool(a.zero_terminal_snr)),
                 v_prediction=v_prediction,
                 max_train_steps=max_steps, num_epochs=num_epochs_for(max_steps, plan.steps_per_epoch),
-                save_dtype=t.save_dtype(), trainable_params=params, target=target, deepspeed_engine=engine)
+                save_dtype=t.save_dtype(), trainable_params=params, target=target, deepspeed_engine=engine,
+                settings=settings)
     s.metadata = target.session_metadata(t, s, f"{opt_name}" + (f"({opt_args})" if opt_args else ""))
     target.session_ready(s)
     from library.training.memory import tune_allocator_for_training

@@ -154,23 +154,6 @@ def load_state(folder: str | Path, expected_signature: dict[str, Any] | None = N
     )
 
 
-def initial_step_problems(args: Any) -> list[str]:
-    """What is wrong with ``--initial_step`` / ``--initial_epoch`` before anything is loaded.
-
-    (A start at or past the end that needs the data's size to see is caught by :func:`start_progress`.)
-    """
-    given = [f"--{name}" for name in ("initial_step", "initial_epoch") if getattr(args, name, None) is not None]
-    problems = []
-    if given and getattr(args, "resume", None):
-        problems.append(f"{' and '.join(given)} cannot be combined with --resume: the state already continues at "
-                        "its own step, data order included (kohya would ignore the state's step); drop one of them")
-    step = getattr(args, "initial_step", None)
-    if step is not None and not getattr(args, "max_train_epochs", None) and step >= args.max_train_steps:
-        problems.append(f"--initial_step {step} must be less than --max_train_steps {args.max_train_steps} "
-                        "(training stops at --max_train_steps, counted from step 0)")
-    return problems
-
-
 def start_progress(initial_step: int | None, initial_epoch: int | None, skip_data: bool, *,
                    steps_per_epoch: int, batches_per_epoch: int, grad_accum: int, max_train_steps: int) -> Progress:
     """The counters of a run that starts at ``--initial_step`` / ``--initial_epoch`` without a state (kohya).

@@ -13,60 +13,26 @@ from __future__ import annotations
 
 import importlib
 import logging
-import math
 import os
 import random
 import time
 from argparse import Namespace
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from library.config.settings import flag_values
 from library.errors import ConfigError, ModelSaveError, TrainingError
 from library.models.families import Family
 from library.training import noise as N
 from library.training.family import Conditioning, FamilyAdapter, get_family_adapter
+from library.training.session import Session, num_epochs_for  # noqa: F401  (re-exported: the template's types)
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@dataclass
-class Session:
-    """Everything the loop needs, built by :func:`library.training.setup.setup_session`.
-
-    ``network`` is the target's module (the network for a network target; the trained UNet and
-    text encoders for a full-model target): sampling and validation switch its train/eval mode.
-    """
-
-    args: Namespace
-    accelerator: Any
-    family: FamilyAdapter
-    model: Any  # LoadedModel-like: unet, vae, text_encoders, tokenizers, scheduler_config
-    network: torch.nn.Module
-    net_kwargs: dict[str, Any]
-    optimizer: Any
-    lr_scheduler: Any
-    plan: Any  # library.training.data.ShardedPlan
-    group: Any  # the DatasetGroup
-    seed: int
-    weight_dtype: torch.dtype
-    train_unet: bool
-    train_text_encoder: bool
-    alphas_cumprod: torch.Tensor
-    v_prediction: bool
-    max_train_steps: int
-    num_epochs: int
-    metadata: dict[str, str] = field(default_factory=dict)
-    save_dtype: torch.dtype | None = None
-    trainable_params: list = field(default_factory=list)
-    loss_recorder: Any = None  # progress.LossRecorder, set by the loop (saved in states for avr_loss)
-    target: Any = None  # library.training.targets.TrainingTarget
-    deepspeed_engine: Any = None  # --deepspeed: the engine of the trained modules (library/training/deepspeed_plugin.py)
 
 
 class Trainer:
@@ -103,10 +69,11 @@ class Trainer:
         # or is quantized from it (--fp8_base): setup casts each model to its training dtype one
         # tensor at a time, so a half-precision file never costs a float32 copy of the model in RAM
         # (SDXL: ~7 GB at the peak instead of ~19 GB). Training in float32 reads float32.
-        keep = a.fp8_base or getattr(a, "fp8_base_unet", False) or self.weight_dtype() != torch.float32
+        flags = flag_values(a)
+        keep = a.fp8_base or flags["fp8_base_unet"] or self.weight_dtype() != torch.float32
         return load_models(a.pretrained_model_name_or_path, v2=bool(a.v2), v_parameterization=bool(a.v_parameterization),
                            vae=a.vae, tokenizer_cache_dir=a.tokenizer_cache_dir, expected=self.expected_families(),
-                           dtype=None if keep else torch.float32, mmap=not getattr(a, "disable_mmap_load_safetensors", False))
+                           dtype=None if keep else torch.float32, mmap=not flags["disable_mmap_load_safetensors"])
 
     def preflight(self) -> None:
         """Hook: checks that need neither the model nor the data (run before anything is loaded)."""
@@ -116,7 +83,7 @@ class Trainer:
         (before the network wraps them); ``--lowram`` moves the UNet and text encoders to the device
         at once, so their CPU copies are freed before the data is prepared."""
         a = self.args
-        if a.fp8_base or getattr(a, "fp8_base_unet", False):  # sdtk's fp8_base covers only the UNet anyway
+        if a.fp8_base or flag_values(a)["fp8_base_unet"]:  # sdtk's fp8_base covers only the UNet anyway
             from library.training.fp8 import apply_fp8
 
             apply_fp8(model.unet)
@@ -136,32 +103,26 @@ class Trainer:
         from library.training.data import scale_batch_sizes
 
         # kohya: mask images come as ControlNet-style subsets (conditioning_data_dir) with --masked_loss
-        masked = bool(getattr(self.args, "masked_loss", False))
+        masked = bool(flag_values(self.args)["masked_loss"])
         blueprint = scale_batch_sizes(build_blueprint_for_args(vars(self.args), support_controlnet=masked), world)
         return build_dataset_group(blueprint, seed=seed)
 
     def cache_latents(self, group: Any, vae: torch.nn.Module, accelerator: Any) -> None:
         """``--cache_latents``: encode every image once (to memory or disk) before training."""
         from library.data.latent_cache import cache_latents
+        from library.training.distributed import main_process_first
 
         a = self.args
         kwargs = dict(vae_batch_size=a.vae_batch_size or 1, to_disk=bool(a.cache_latents_to_disk),
                       skip_cache_check=bool(a.skip_cache_check), seed=0, progress=accelerator.is_main_process)
-        if a.cache_latents_to_disk and accelerator.num_processes > 1:
-            # only the main process writes cache files; the others then find them valid
-            if accelerator.is_main_process:
-                cache_latents(group, vae, **kwargs)
-            accelerator.wait_for_everyone()
-            if not accelerator.is_main_process:
-                cache_latents(group, vae, **kwargs)
-        else:
-            cache_latents(group, vae, **kwargs)
+        # only the main process writes cache files; the others then find them valid
+        main_process_first(accelerator, lambda: cache_latents(group, vae, **kwargs), bool(a.cache_latents_to_disk))
 
     # ------------------------------------------------------------------ per-step maths
     def encode_text(self, s: Session, batch: dict[str, Any]) -> Conditioning:
         a, captions, tokenizers = self.args, batch["captions"], s.model.tokenizers
         weights = None
-        if getattr(a, "weighted_captions", False):
+        if flag_values(a)["weighted_captions"]:
             ids, weights = s.family.tokenize_weighted(tokenizers, captions, a.max_token_length)
         else:
             ids = s.family.tokenize(tokenizers, captions, a.max_token_length)
@@ -202,14 +163,14 @@ class Trainer:
         """
         from library.training.step import noise_and_timesteps, step_loss
 
-        a = self.args
         latents = self.batch_latents(s, batch, gens)
         cond = self.encode_text(s, batch)
-        noise, noisy, timesteps = noise_and_timesteps(a, s.alphas_cumprod, latents, gens, fixed_timestep)
+        noise, noisy, timesteps = noise_and_timesteps(s.settings.noise, s.alphas_cumprod, latents, gens, fixed_timestep)
         with s.accelerator.autocast():
             pred = s.family.predict(s.model.unet, noisy.to(s.weight_dtype), timesteps, cond, batch)
         target = N.velocity(s.alphas_cumprod, latents, noise, timesteps) if s.v_prediction else noise
-        return step_loss(a, pred, target, timesteps, s.alphas_cumprod, s.v_prediction, batch, n_real, global_size)
+        return step_loss(s.settings.loss, pred, target, timesteps, s.alphas_cumprod, s.v_prediction, batch, n_real,
+                         global_size)
 
     # ------------------------------------------------------------------ orchestration
     def train(self) -> Path | None:
@@ -323,9 +284,7 @@ class NetworkTrainer(Trainer):
     def create_network(self, module: Any, model: Any, net_kwargs: dict[str, Any]) -> torch.nn.Module:
         a = self.args
         te = model.text_encoders[0] if len(model.text_encoders) == 1 else model.text_encoders
-        if a.dim_from_weights:
-            if not a.network_weights:
-                raise ConfigError("--dim_from_weights needs --network_weights")
+        if a.dim_from_weights:  # needs --network_weights (library/config/flags/rules.py)
             network, _ = module.create_network_from_weights(1.0, a.network_weights, model.vae, te, model.unet,
                                                             **net_kwargs)
         else:
@@ -337,6 +296,3 @@ class NetworkTrainer(Trainer):
             raise ConfigError(f"--network_module {a.network_module}: create_network returned nothing")
         return network
 
-
-def num_epochs_for(max_train_steps: int, steps_per_epoch: int) -> int:
-    return math.ceil(max_train_steps / max(1, steps_per_epoch))

@@ -31,12 +31,14 @@ def configure_logging(args: Any = None, default_level: str = "INFO") -> None:
     Third-party libraries are limited to errors: their warnings about conversions sdtk does on
     purpose (e.g. casting a model's dtype) or optional packages sdtk does not use are noise for users.
     """
-    level = getattr(args, "console_log_level", None) or default_level
+    from library.config.settings import ConsoleLogSettings
+
+    console = ConsoleLogSettings.from_args(args)  # a tool without these flags gets their declared defaults
+    level = console.console_log_level or default_level
     handlers: list[logging.Handler] = [_StderrHandler()]
-    if getattr(args, "console_log_file", None):
-        handlers.append(logging.FileHandler(args.console_log_file, encoding="utf-8"))
-    simple = getattr(args, "console_log_simple", False)
-    fmt = "%(message)s" if simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if console.console_log_file:
+        handlers.append(logging.FileHandler(console.console_log_file, encoding="utf-8"))
+    fmt = "%(message)s" if console.console_log_simple else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     for h in handlers:
         h.sdtk_console = True  # type: ignore[attr-defined]  (lets test fixtures find and remove them)
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from library.config.settings import flag_values
 from library.errors import DatasetError
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def check_captions(args: Any, token: str) -> None:
     from library.config.dataset_config import build_blueprint_for_args
     from library.data.dataset import scan_blueprint
 
-    blueprint = build_blueprint_for_args(vars(args), support_controlnet=bool(getattr(args, "masked_loss", False)))
+    blueprint = build_blueprint_for_args(vars(args), support_controlnet=bool(flag_values(args)["masked_loss"]))
     missing: list[tuple[str, str]] = []
     total = 0
     for scans in scan_blueprint(blueprint):

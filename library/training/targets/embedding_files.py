@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from library.config.settings import flag_values
 from library.errors import ConfigError
 from library.models.families import Family
 
@@ -39,8 +40,9 @@ def embedding_metadata(s: Any, args: Any, steps: int, epoch: int) -> dict[str, s
     timesteps = None
     if a.min_timestep is not None or a.max_timestep is not None:
         timesteps = (a.min_timestep or 0, a.max_timestep or 1000)
-    extra = {k: getattr(a, f"metadata_{k}") for k in ("usage_hint", "trigger_phrase", "thumbnail", "preprocessor",
-                                                       "is_negative_embedding") if getattr(a, f"metadata_{k}", None)}
+    flags = flag_values(a)
+    extra = {k: flags[f"metadata_{k}"] for k in ("usage_hint", "trigger_phrase", "thumbnail", "preprocessor",
+                                                 "is_negative_embedding") if flags[f"metadata_{k}"]}
     md = {**s.metadata, "ss_steps": str(steps), "ss_epoch": str(epoch)}
     md.update(build_modelspec(s.model.family, v_parameterization=s.v_prediction, lora=False, textual_inversion=True,
                               resolution=resolution, title=a.metadata_title or a.output_name,

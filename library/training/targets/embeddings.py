@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from library.config.settings import flag_values
 from library.errors import ConfigError, TrainingError
 from library.models.families import Family
 from library.training.targets import TrainingTarget
@@ -195,7 +196,7 @@ class EmbeddingTarget(TrainingTarget):
         """``--weights``: the start vectors per table, ``[len(token_strings()), D]`` each (XTI reads its own layout)."""
         from library.training.targets.embedding_files import read_embedding_file
 
-        return read_embedding_file(path, bool(getattr(self.args, "allow_pickle", False)))
+        return read_embedding_file(path, bool(flag_values(self.args)["allow_pickle"]))
 
     def file_tensors(self, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """What a save writes: ``{key: [n, D]}`` on the CPU, in ``dtype`` (None: as trained)."""

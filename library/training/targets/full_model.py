@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from library.config.settings import FusedStepSettings
 from library.errors import TrainingError
 from library.training.targets import TrainingTarget
 from library.training.targets.full_saving import SaveFormat, full_model_metadata, save_full_model
@@ -52,6 +53,7 @@ class FullModelTarget(TrainingTarget):
     def __init__(self, args: Any, te_plans: list[TextEncoderPlan], stop_te_step: int | None,
                  save_format: SaveFormat, unet_groups: Any = None):
         self.args = args
+        self.fused = FusedStepSettings.from_args(args)
         self.te_plans = te_plans
         self.stop_te_step = stop_te_step
         self.save_format = save_format
@@ -95,15 +97,15 @@ class FullModelTarget(TrainingTarget):
             self._te_group_ids.append(len(self._groups))
             self._groups.append({"params": list(te.parameters()),
                                  "lr": plan.lr if plan.lr is not None else a.learning_rate})
-        if getattr(a, "fused_optimizer_groups", None):
+        if self.fused.fused_optimizer_groups:
             from library.training.targets.fused_backward import split_groups
 
             if self._te_group_ids and self.stop_te_step is not None:
                 raise TrainingError("--fused_optimizer_groups cannot stop text-encoder training during the run")
-            self._groups = split_groups(self._groups, a.fused_optimizer_groups)
+            self._groups = split_groups(self._groups, self.fused.fused_optimizer_groups)
             self._te_group_ids = []
         self.module = torch.nn.ModuleList(list(self._trained.values()))
-        if getattr(a, "ema", False):
+        if a.ema:  # every full-model script has --ema
             from library.training.targets.ema import EmaWeights
 
             self.ema = EmaWeights({f"{name}.{k}": p for name, m in self._trained.items()
@@ -123,28 +125,28 @@ class FullModelTarget(TrainingTarget):
         frozen = [t for mod in [m.unet, *m.text_encoders] for t in mod.parameters()]
         if next(m.vae.parameters()).device == s.accelerator.device:
             frozen += list(m.vae.parameters())
-        groups = getattr(self.args, "fused_optimizer_groups", None)
+        fused = self.fused
         self.memory = memory_plan(self.trainable_params(), frozen, self.args.optimizer_type,
-                                  bool(getattr(self.args, "fused_backward_pass", False)), self.ema is not None,
-                                  grad_groups=len(self._groups) if groups else 1)
+                                  bool(fused.fused_backward_pass), self.ema is not None,
+                                  grad_groups=len(self._groups) if fused.fused_optimizer_groups else 1)
         logger.info(describe(self.memory))
-        if getattr(self.args, "fused_backward_pass", False):
+        if fused.fused_backward_pass:
             from library.training.targets import fused_backward
 
-            if fused_backward.uses_stochastic_rounding(self.args):
+            if fused.stochastic_rounding:
                 self._rounding = fused_backward.Bf16Rounding(s.seed)
             fused_backward.attach(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes,
                                   self._rounding)
             self.steps_in_backward = True
             logger.info("--fused_backward_pass: each parameter is stepped during the backward pass%s",
                         " (bf16 weights rounded stochastically)" if self._rounding else "")
-        elif groups:
+        elif fused.fused_optimizer_groups:
             from library.training.targets.fused_backward import GroupStepper
 
             self._stepper = GroupStepper(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes)
             self.steps_in_backward = True
             logger.info("--fused_optimizer_groups %d: %d optimizer groups, each stepped during the backward pass "
-                        "once its gradients are complete", groups, len(self._groups))
+                        "once its gradients are complete", fused.fused_optimizer_groups, len(self._groups))
 
     def finish_backward(self, s: Any) -> None:
         if self._stepper is not None:
@@ -211,7 +213,7 @@ class FullModelTarget(TrainingTarget):
     def signature(self, s: Any) -> dict[str, Any]:
         return {"target": "full_model", "trained": sorted(self._trained),
                 "stop_text_encoder_training": self.stop_te_step,
-                "fused_optimizer_groups": getattr(self.args, "fused_optimizer_groups", None),
+                "fused_optimizer_groups": self.fused.fused_optimizer_groups,
                 "ema_decay": self.ema.decay if self.ema is not None else None,
                 "trained_keys": sum(len(m.state_dict()) for m in self._trained.values())}
 

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from library.config.settings import flag_values
 from library.errors import ConfigError, ModelLoadError
 from library.models.families import Family
 from library.training import saving as S
@@ -31,10 +32,10 @@ def complete_namespace(args: Any) -> Any:
     from library.config.args import flags_for
     from library.config.flags.scripts import NETWORK_TRAINERS
 
+    values = vars(args)
     for script in NETWORK_TRAINERS:
         for f in flags_for(script):
-            if not hasattr(args, f.dest):
-                setattr(args, f.dest, f.default)
+            values.setdefault(f.dest, f.default)
     return args
 
 
@@ -61,7 +62,7 @@ def require_family(trainer: Any, what: str) -> None:
     """Refuse a base model of a family the trainer's script does not train, naming the script that does
     (``trainer.other_scripts``); ``what`` is inserted before "models" (e.g. "embeddings for ")."""
     a = trainer.args
-    family = detect_family(a.pretrained_model_name_or_path, bool(getattr(a, "allow_pickle", False)))
+    family = detect_family(a.pretrained_model_name_or_path, bool(flag_values(a)["allow_pickle"]))
     if family is not None and family not in trainer.expected_families():
         hint = trainer.other_scripts.get(family, "another script")
         raise ConfigError(f"{a.pretrained_model_name_or_path} is an {family.pretty} model; use {hint} for it "
@@ -113,12 +114,9 @@ class FullModelTrainer(Trainer):
 
     # ------------------------------------------------------------------ checks before loading
     def preflight(self) -> None:
-        """The model's family (named script for another family), the final output path's kind and the
-        fused-step conditions."""
-        from library.training.targets.fused_backward import require_fusable
-
+        """The model's family (named script for another family) and the final output path's kind (the
+        fused-step conditions are flag rules: library.config.flags.rules.run_problems)."""
         a = self.args
-        require_fusable(a)
         require_family(self, "")
         fmt = self.save_format()
         check_output_path(Path(a.output_dir or ".") / (S.last_name(a.output_name) + fmt.suffix), fmt)

@@ -28,40 +28,11 @@ from typing import Any
 
 import torch
 
-from library.errors import ConfigError
+from library.config.flags.rules import FUSABLE_OPTIMIZERS  # noqa: F401  (re-exported)
 
-FUSABLE_OPTIMIZERS = ("adafactor", "adamw", "lion", "sgdnesterov")
-_FUSABLE_TEXT = "Adafactor, AdamW, Lion or SGDNesterov"
-
-
-def fused_backward_problems(args: Any) -> list[str]:
-    """The conditions of ``--fused_backward_pass`` / ``--fused_optimizer_groups`` (empty when fine)."""
-    groups = getattr(args, "fused_optimizer_groups", None)
-    fused = bool(getattr(args, "fused_backward_pass", False))
-    if not fused and not groups:
-        return []
-    flag = "--fused_backward_pass" if fused else "--fused_optimizer_groups"
-    problems = []
-    if fused and groups:
-        problems.append("--fused_backward_pass and --fused_optimizer_groups are two ways of stepping inside the "
-                        "backward pass: give one")
-    name = (args.optimizer_type or "AdamW").rsplit(".", 1)[-1].lower()
-    if name not in FUSABLE_OPTIMIZERS:
-        problems.append(f"{flag} works with --optimizer_type {_FUSABLE_TEXT} (got {args.optimizer_type or 'AdamW'}): "
-                        "their per-tensor update can run inside the backward pass")
-    if args.gradient_accumulation_steps > 1:
-        problems.append(f"{flag} cannot be used with --gradient_accumulation_steps > 1 (each gradient is "
-                        "applied as soon as it is computed)")
-    if args.mixed_precision == "fp16":
-        problems.append(f"{flag} cannot be used with --mixed_precision fp16 (the loss-scaled gradients "
-                        "would be applied unscaled); use bf16")
-    return problems
-
-
-def require_fusable(args: Any) -> None:
-    problems = fused_backward_problems(args)
-    if problems:
-        raise ConfigError(problems)
+# The conditions of these flags (optimizer, accumulation, precision) are flag rules, checked before the run loads
+# anything (library.config.flags.rules.fused_step_problems); FusedStepSettings.stochastic_rounding says when bf16 weights
+# are rounded stochastically (library.config.settings).
 
 
 def copy_stochastic_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
@@ -97,14 +68,6 @@ class Bf16Rounding:
             copy_stochastic_(low, p.data, self.generator)
         finally:
             p.data = low
-
-
-def uses_stochastic_rounding(args: Any) -> bool:
-    """kohya's fused Adafactor rounds bf16 weights stochastically: ``--fused_backward_pass`` +
-    Adafactor + ``--full_bf16``."""
-    name = (args.optimizer_type or "AdamW").rsplit(".", 1)[-1].lower()
-    return bool(getattr(args, "fused_backward_pass", False) and getattr(args, "full_bf16", False)
-                and name == "adafactor")
 
 
 def attach(optimizer: Any, max_grad_norm: float | None, world: int,

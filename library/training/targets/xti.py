@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from library.config.settings import flag_values
 from library.errors import ConfigError
 from library.models.families import Family
 from library.models.xti import (
@@ -83,7 +84,7 @@ class XTITarget(EmbeddingTarget):
         return self.tables[0].ids[0]
 
     def read_weights(self, path: str) -> list[torch.Tensor]:
-        vectors = read_xti_file(path, "--weights", bool(getattr(self.args, "allow_pickle", False)))
+        vectors = read_xti_file(path, "--weights", bool(flag_values(self.args)["allow_pickle"]))
         if vectors.shape[1] != self.n:
             raise ConfigError(f"--weights {path} holds {vectors.shape[1]} vectors per layer, but "
                               f"--num_vectors_per_token is {self.n}; use --num_vectors_per_token {vectors.shape[1]}")
