@@ -13,16 +13,15 @@ A/B the allocator with the environment, e.g. ``MALLOC_MMAP_THRESHOLD_=1048576``.
 
 from __future__ import annotations
 
-import argparse
-import os
-import resource
 import shlex
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "bench"))
+
+from step_meter import StepMeter, common_parser  # noqa: E402
 
 
 def peer_flags(peer: Path, sdxl: bool, steps: int, out: str) -> list[str]:
@@ -41,13 +40,7 @@ def peer_flags(peer: Path, sdxl: bool, steps: int, out: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--family", choices=["sd1", "sdxl"], default="sd1")
-    p.add_argument("--peer", default=os.environ.get("PEER", os.path.expanduser("~/peer")))
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--extra", default="", help="flags added to the command line")
-    p.add_argument("--profile", default=None, help="write torch.profiler's operator table of steps 3..N here")
-    p.add_argument("--out", default="/tmp/sdtk_profile_out")
+    p = common_parser(__doc__, "/tmp/sdtk_profile_out")
     p.add_argument("--no-tune", action="store_true", help="leave glibc's malloc at its defaults (A/B)")
     o = p.parse_args(argv)
     sdxl = o.family == "sdxl"
@@ -57,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import train_network as script
         from library.training.trainer import NetworkTrainer as base
-    import torch
 
     from library.config.args import parse_args
     from library.utils.logging import configure_logging
@@ -66,46 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         import library.training.memory as memory
 
         memory._done = True  # tune_allocator() then does nothing
-    t0 = time.perf_counter()
-    marks: list[tuple[float, float, int, float]] = []
-    prof: list = []
-
-    def rss() -> str:
-        st = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-        return ", ".join(f"{k} {int(st[k].split()[0]) / 1024:.0f} MB" for k in ("VmHWM", "RssAnon", "RssFile"))
-
-    def mark() -> None:
-        ru = resource.getrusage(resource.RUSAGE_SELF)
-        marks.append((time.perf_counter(), time.process_time(), ru.ru_minflt, ru.ru_stime))
-        if len(marks) >= 2:
-            a, b = marks[-2], marks[-1]
-            print(f"\nstep {len(marks) - 1}: {b[0] - a[0]:.2f} s wall, {b[1] - a[1]:.2f} s CPU, "
-                  f"({b[3] - a[3]:.2f} s in the kernel), {b[2] - a[2]} minor faults", flush=True)
-        else:
-            print(f"start -> first step: {marks[0][0] - t0:.1f} s; torch threads {torch.get_num_threads()}; "
-                  f"{rss()}", flush=True)
-        if o.profile and len(marks) == 3:
-            prof.append(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False))
-            prof[0].__enter__()
+    meter = StepMeter(o.profile)
 
     class Trainer(base):
         def sample_images(self, s, steps, epoch):  # the loop calls this before step 1 and after every step
             if epoch is None:
-                mark()
+                meter.mark()
 
     args = parse_args(script.SCRIPT, peer_flags(Path(o.peer), sdxl, o.steps, o.out) + shlex.split(o.extra))
     configure_logging(args)
     Trainer(args).train()
-    if prof:
-        prof[0].__exit__(None, None, None)
-        table = prof[0].key_averages().table(sort_by="self_cpu_time_total", row_limit=60)
-        Path(o.profile).write_text(table)
-        print(table[:6000])
-    steps = [b[0] - a[0] for a, b in zip(marks, marks[1:])][1:]
-    if steps:
-        print(rss())
-        print(f"mean s/step over steps 2..{len(steps) + 1}: {sum(steps) / len(steps):.2f}; peak RSS "
-              f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+    meter.finish()
     return 0
 
 
