@@ -18,7 +18,7 @@ import torch
 from library.errors import ModelLoadError
 from library.models.families import Family
 from networks import lora_keys as keys
-from networks.interface import NetworkCapabilities
+from library.network_contract import NetworkCapabilities
 from networks.lora_args import parse_network_args
 from networks.lora_blocks import block_dims_and_alphas, block_index, block_lr_weights
 from networks.lora_io import check_compatible, load_state_dict_file, save_network_weights

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from library.errors import ConfigError, ModelLoadError
 from library.models.families import Family
 from networks import lora_keys as keys
-from networks.interface import NetworkCapabilities
+from library.network_contract import NetworkCapabilities
 from networks.lora_io import load_state_dict_file, save_network_weights
 from networks.lora_modules import ForwardHook, unet_layout_of
 
