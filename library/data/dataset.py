@@ -27,6 +27,7 @@ from library.config.dataset_params import Blueprint, DatasetParams, SubsetParams
 from library.data import images as img_ops
 from library.data.buckets import BucketManager, adjust_min_max_bucket_reso, fixed_resolution_manager, format_histogram
 from library.data.captions import process_caption
+from library.data.latent_file import load_latent_file
 from library.data.subsets import ImageEntry, SubsetScan, balance_reg_repeats, scan_subset
 from library.errors import DatasetError
 from library.utils.ratios import ceil_of, exact
@@ -326,8 +327,6 @@ class BucketDataset(torch.utils.data.Dataset):
             meta = {"original_size": sample.original_size, "crop_ltrb": img_ops.kohya_crop_ltrb(sample.bucket_reso,
                                                                                                 sample.original_size)}
         else:
-            from library.data.latent_cache import load_latent_file
-
             cached = load_latent_file(sample.latents_path, flip)
             latents, mask = cached["latents"], cached["alpha_mask"]
             meta = {"original_size": cached["original_size"], "crop_ltrb": cached["crop_ltrb"]}

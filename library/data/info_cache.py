@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from library.errors import ModelSaveError
+from library.utils.atomic import write_json
+
 logger = logging.getLogger(__name__)
 
 INFO_CACHE_FILE = "metadata_cache.json"  # kohya's name (IMAGE_INFO_CACHE_FILE)
@@ -127,9 +130,6 @@ class InfoCache:
         Returns:
             Whether the file was (re)written.
         """
-        from library.errors import ModelSaveError
-        from library.utils.atomic import write_json
-
         data: dict[str, dict[str, Any]] = {}
         for image, caption, caption_path, size in items:
             stat = file_stat(image)

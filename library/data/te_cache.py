@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from library.data.captions import process_caption
+from library.data.latent_file import cache_is_valid
 from library.errors import ConfigError, DatasetError
 from library.training.family import Conditioning
 from library.utils.sampling import sample_elements
@@ -77,8 +79,6 @@ def check_cacheable(subsets: Iterable[Any], train_text_encoder: bool) -> None:
 
 def fixed_caption(sample: Any) -> str:
     """The caption the dataset gives ``sample`` in every epoch (no random options are active)."""
-    from library.data.captions import process_caption
-
     return process_caption(sample.entry.caption, sample.subset, epoch=1, step=0, max_steps=None,
                            rng=random.Random(0))
 
@@ -145,8 +145,6 @@ class TECacheStats:
 
 
 def _file_is_valid(path: Path, expected: dict[str, str], skip_cache_check: bool) -> bool:
-    from library.data.latent_cache import cache_is_valid
-
     return cache_is_valid(path, expected, skip_cache_check, what="text-encoder cache")
 
 
