@@ -8,8 +8,8 @@ import re
 import pytest
 
 from library.errors import ConfigError
-from library.training.sampling import (SAMPLERS, SamplePrompt, image_file_name, load_prompts, make_scheduler,
-                                       parse_prompt_line, should_sample)
+from library.inference.schedulers import SAMPLERS, make_scheduler
+from library.training.sampling import SamplePrompt, image_file_name, load_prompts, parse_prompt_line, should_sample
 from tests.trainer_fixtures import make_dataset, run_in_process, train_argv
 
 

@@ -16,7 +16,6 @@ returns ``a = u`` and ``b = c - negative_scale / scale * (n - u)``, which gives 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import time
@@ -28,12 +27,13 @@ import torch
 
 from library.inference.highres import HighresFix, first_stage_options, upscale_images, upscale_latents
 from library.inference.networks import set_multipliers
+from library.inference.pipeline import build_pipeline
 from library.inference.prompt_weighting import encode_prompts
 from library.inference.prompts import ImageTask, PromptOptions, batches
+from library.inference.schedulers import make_scheduler
 from library.models.families import Family
 from library.models.xti import XTI_KWARG, XTI_LAYERS, per_block_kwargs
 from library.training.family import Conditioning
-from library.training.sampling import make_scheduler
 from library.utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -59,26 +59,6 @@ class JobSettings:
     # XTI (library/inference/xti.py): one converter per cross-attention layer (XTI_LAYERS order), used
     # instead of convert_prompt; the UNet must be hooked (library.models.xti.enable_per_block_conditioning)
     layer_convert_prompts: list[Callable[[str, Any], str]] | None = None
-
-
-def pipeline_for(model: Any, img2img: bool) -> Any:
-    """A diffusers pipeline over ``model``'s components (no safety checker, no watermark)."""
-    import diffusers
-
-    sdxl = model.family is Family.SDXL
-    name = ("StableDiffusionXL" if sdxl else "StableDiffusion") + ("Img2Img" if img2img else "") + "Pipeline"
-    cls = getattr(diffusers, name)
-    parts: dict[str, Any] = dict(vae=model.vae, text_encoder=model.text_encoders[0], tokenizer=model.tokenizers[0],
-                                 unet=model.unet, scheduler=make_scheduler("ddim", model.scheduler_config))
-    if sdxl:
-        parts.update(text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1])
-    params = inspect.signature(cls.__init__).parameters
-    optional = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False, image_encoder=None,
-                    add_watermarker=False)
-    parts.update({k: v for k, v in optional.items() if k in params})
-    pipe = cls(**parts)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @contextlib.contextmanager
@@ -166,11 +146,12 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
     o = options or batch[0].options
     img2img = init is not None or batch[0].init_image is not None
     if img2img not in pipes:
-        pipes[img2img] = pipeline_for(model, img2img)
+        pipes[img2img] = build_pipeline(model, make_scheduler("ddim", model.scheduler_config), img2img=img2img)
     pipe = pipes[img2img]
     sched_cfg = dict(model.scheduler_config)
     if settings.steps_offset_zero:
         sched_cfg["steps_offset"] = 0
+    # set after building: the pipeline's constructor would "fix" a steps_offset of 0 back to 1
     pipe.scheduler = make_scheduler(o.sampler, sched_cfg)
     guided = o.scale > 1.0
     negative_scale = o.negative_scale if guided else None

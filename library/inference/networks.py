@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import torch
 
 from library.errors import ConfigError, ModelLoadError
+from library.training.plugin_compat import apply_fixes
 from networks.interface import capabilities_of
 
 logger = logging.getLogger(__name__)
@@ -80,8 +81,6 @@ def network_specs(modules: Sequence[str] | None, weights: Sequence[str] | None, 
 
 
 def _import(module: str):
-    from library.training.plugin_compat import apply_fixes
-
     try:
         mod = importlib.import_module(module)
     except ImportError as e:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from library.errors import ConfigError
 from library.inference.dynamic_prompts import expand_variants, first_variant, image_prompts, variant_rng
+from library.inference.schedulers import SAMPLERS
 
 MAX_SEED = 2**32 - 1
 _UNSUPPORTED = ("c", "f", "dsd1", "dst1", "dsd2", "dst2", "dsr", "glt", "glr", "gle", "gls", "glsn", "glus")
@@ -88,8 +89,6 @@ def parse_prompt(line: str, defaults: PromptOptions, where: str = "--prompt") ->
     Raises:
         ConfigError: an option sdtk does not know or support, or a bad value (naming ``where``).
     """
-    from library.training.sampling import SAMPLERS
-
     line = first_variant(line, where)
     parts = line.strip().split(" --")
     changes: dict[str, Any] = {"prompt": parts[0].strip()}

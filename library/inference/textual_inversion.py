@@ -32,12 +32,15 @@ from typing import Any, Sequence
 import torch
 
 from library.errors import ConfigError, ModelLoadError
+from library.inference.pipeline import build_pipeline
+from library.inference.schedulers import make_scheduler
+from library.models.embedding_file import read_state
 from library.models.families import Family
+from library.models.xti import is_xti_state
 
 logger = logging.getLogger(__name__)
 
 FLAG = "--textual_inversion_embeddings"
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 SDXL_KEYS = ("clip_l", "clip_g")
 # characters the A1111 prompt syntax or the tokenizer would split a word on
 _BAD_NAME = re.compile(r"[\s()\[\]:\\,]")
@@ -59,35 +62,6 @@ class EmbeddingFile:
     @property
     def sdxl(self) -> bool:
         return len(self.vectors) == 2
-
-
-def read_state(path: Path, allow_pickle: bool, flag: str = FLAG) -> dict[str, Any]:
-    """The tensors of an embedding-like file (.safetensors, or a pickle with ``allow_pickle``); ``flag``
-    names the file in messages. Also read by ``--weights`` (training) and ``--XTI_embeddings``."""
-    where = f"{flag} {path}"
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # safetensors raises its own error types for damaged headers
-            raise ModelLoadError(f"{where}: not a readable .safetensors file ({str(e)[:160]})") from e
-    if suffix not in PICKLE_SUFFIXES:
-        raise ConfigError(f"{where}: unknown file type {suffix!r}; use .safetensors (or, with --allow_pickle, "
-                          ".pt / .bin)")
-    if not allow_pickle:
-        raise ConfigError(f"{where} is a pickle file, which can run arbitrary code when loaded; convert it to "
-                          ".safetensors, or pass --allow_pickle if you trust its source")
-    try:
-        # weights_only still reads A1111's dicts of tensors, strings and step counts
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ModelLoadError(f"{where}: cannot be read as a PyTorch file ({type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from e
-    if not isinstance(obj, dict):
-        raise ModelLoadError(f"{where}: holds a {type(obj).__name__}, not a dict of embedding tensors")
-    return obj
 
 
 def _as_matrix(t: Any, where: str, key: str) -> torch.Tensor:
@@ -122,8 +96,6 @@ def parse_embedding(state: dict[str, Any], where: str) -> list[torch.Tensor]:
     if len(tensors) == 1:  # diffusers' learned_embeds: {"<token>": vectors}
         key, value = next(iter(tensors.items()))
         return [_as_matrix(value, where, key)]
-    from library.models.xti import is_xti_state
-
     if is_xti_state(state):
         raise ModelLoadError(f"{where}: an Extended Textual Inversion file (one tensor per UNet layer IN01 ... OUT11); "
                              "gen_img reads it with --XTI_embeddings, train_textual_inversion_XTI.py continues it "
@@ -131,6 +103,24 @@ def parse_embedding(state: dict[str, Any], where: str) -> list[torch.Tensor]:
     keys = ", ".join(list(map(str, state))[:6]) or "none"
     raise ModelLoadError(f"{where}: unknown embedding layout (keys: {keys}); expected emb_params, "
                          "string_to_param, clip_l + clip_g, or a single tensor")
+
+
+def prompt_word(path: str, flag: str, seen: dict[str, str]) -> str:
+    """The prompt word of an embedding file (its stem, lower case), recorded in ``seen`` (word -> file).
+
+    Raises:
+        ConfigError: a stem with spaces or prompt syntax, or a word that ``seen`` already holds.
+    """
+    stem = Path(path).stem
+    token = stem.lower()
+    if not token or _BAD_NAME.search(token):
+        raise ConfigError(f"{flag} {path}: the file name is the prompt word, and {stem!r} has spaces or "
+                          "prompt syntax characters ( ) [ ] : , \\; rename the file")
+    if token in seen:
+        raise ConfigError(f"{flag} {path}: its word {token!r} is also the word of {seen[token]} "
+                          "(names are not case-sensitive); rename one file")
+    seen[token] = path
+    return token
 
 
 def read_embeddings(paths: Sequence[str] | None, *, allow_pickle: bool = False) -> list[EmbeddingFile]:
@@ -147,15 +137,8 @@ def read_embeddings(paths: Sequence[str] | None, *, allow_pickle: bool = False) 
         path = Path(p)
         if not path.is_file():
             raise ConfigError(f"{FLAG} {p}: file not found")
-        token = path.stem.lower()
-        if not token or _BAD_NAME.search(token):
-            raise ConfigError(f"{FLAG} {p}: the file name is the prompt word, and {path.stem!r} has spaces or "
-                              "prompt syntax characters ( ) [ ] : , \\; rename the file")
-        if token in seen:
-            raise ConfigError(f"{FLAG} {p}: its word {token!r} is also the word of {seen[token]} "
-                              "(names are not case-sensitive); rename one file")
-        seen[token] = p
-        vectors = parse_embedding(read_state(path, allow_pickle), f"{FLAG} {p}")
+        token = prompt_word(p, FLAG, seen)
+        vectors = parse_embedding(read_state(path, allow_pickle, FLAG), f"{FLAG} {p}")
         out.append(EmbeddingFile(p, token, vectors))
     return out
 
@@ -208,32 +191,52 @@ def load_embeddings(model: Any, embeddings: list[EmbeddingFile]) -> LoadedEmbedd
     """
     if not embeddings:
         return None
-    from library.inference.generate import pipeline_for
-
     n_tes = 2 if model.family is Family.SDXL else 1
     tokenizers, text_encoders = list(model.tokenizers[:n_tes]), list(model.text_encoders[:n_tes])
     for emb in embeddings:
         _check_fits(emb, model.family, tokenizers, text_encoders)
-    loader = pipeline_for(model, img2img=False)
+    loader = embedding_loader(model)
     for emb in embeddings:
         for tok, te, vec in zip(tokenizers, text_encoders, emb.vectors):
-            try:
-                loader.load_textual_inversion(vec, token=emb.token, tokenizer=tok, text_encoder=te)
-            except ValueError as e:
-                raise ConfigError(f"{FLAG} {emb.path}: {str(e).splitlines()[0][:200]}") from e
-            _verify(emb, tok, te, vec)
+            add_tokens(loader, tok, te, [emb.token], [vec], f"{FLAG} {emb.path}")
         logger.info("textual inversion %s: word %r, %d vector(s)", emb.path, emb.token, emb.vectors[0].shape[0])
     return LoadedEmbeddings([e.token for e in embeddings], loader)
 
 
-def _verify(emb: EmbeddingFile, tokenizer: Any, text_encoder: Any, vec: torch.Tensor) -> None:
-    """The new tokens have ids of their own holding the file's vectors (guards the surgery, e.g. against a
-    token the tokenizer could not add, whose id would fall back to an existing token's)."""
-    names = [emb.token] + [f"{emb.token}_{i}" for i in range(1, vec.shape[0])]
+def embedding_loader(model: Any) -> Any:
+    """A pipeline over ``model``'s own tokenizers and text encoders, for diffusers' token surgery
+    (``TextualInversionLoaderMixin.load_textual_inversion``)."""
+    return build_pipeline(model, make_scheduler("ddim", model.scheduler_config))
+
+
+def token_names(word: str, n_vectors: int) -> list[str]:
+    """The tokens that carry ``word``'s vectors: ``word``, ``word_1``, ... (diffusers' multi-vector names)."""
+    return [word] + [f"{word}_{i}" for i in range(1, n_vectors)]
+
+
+def add_tokens(loader: Any, tokenizer: Any, text_encoder: Any, words: list[str], vectors: list[torch.Tensor],
+               where: str) -> None:
+    """Add ``vectors[i]`` ``[n, D]`` to ``tokenizer`` / ``text_encoder`` as the tokens
+    ``token_names(words[i], n)``, in place, and check the result.
+
+    Args:
+        loader: from :func:`embedding_loader`, over the same tokenizer and text encoder.
+        where: the flag and file, for messages.
+
+    Raises:
+        ConfigError: diffusers refused the tokens.
+        ModelLoadError: a token did not get an id of its own holding its vector (e.g. a token the
+            tokenizer could not add, whose id would fall back to an existing token's).
+    """
+    try:
+        loader.load_textual_inversion(list(vectors), token=list(words), tokenizer=tokenizer, text_encoder=text_encoder)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0][:200]}") from e
+    names = [t for w, v in zip(words, vectors) for t in token_names(w, v.shape[0])]
     ids = tokenizer.convert_tokens_to_ids(names)
     weight = text_encoder.get_input_embeddings().weight
     special = {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
     if len(set(ids)) != len(ids) or special & set(ids) or \
-            not torch.allclose(weight[ids].float().cpu(), vec, atol=1e-2, rtol=1e-2):
-        raise ModelLoadError(f"{FLAG} {emb.path}: the embedding could not be added to the tokenizer as "
+            not torch.allclose(weight[ids].float().cpu(), torch.cat(list(vectors)), atol=1e-2, rtol=1e-2):
+        raise ModelLoadError(f"{where}: the embedding could not be added to the tokenizer as "
                              f"{names[0]!r}; rename the file (letters, digits, - and _)")

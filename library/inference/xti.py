@@ -20,13 +20,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from library.errors import ConfigError, ModelLoadError
-from library.inference.textual_inversion import _BAD_NAME
+from library.errors import ConfigError
+from library.inference.textual_inversion import add_tokens, embedding_loader, prompt_word
 from library.models.families import Family
 from library.models.xti import XTI_LAYERS, layer_token_names, read_xti_file
 
@@ -65,16 +64,8 @@ def read_xti_embeddings(paths: Sequence[str] | None, *, allow_pickle: bool = Fal
     out: list[XTIFile] = []
     seen = dict(other_words or {})
     for p in paths or []:
-        path = Path(p)
-        token = path.stem.lower()
-        if not token or _BAD_NAME.search(token):
-            raise ConfigError(f"{FLAG} {p}: the file name is the prompt word, and {path.stem!r} has spaces or "
-                              "prompt syntax characters ( ) [ ] : , \\; rename the file")
-        if token in seen:
-            raise ConfigError(f"{FLAG} {p}: its word {token!r} is also the word of {seen[token]} "
-                              "(names are not case-sensitive); rename one file")
-        seen[token] = p
-        out.append(XTIFile(p, token, read_xti_file(path, FLAG, allow_pickle)))
+        token = prompt_word(p, FLAG, seen)
+        out.append(XTIFile(p, token, read_xti_file(p, FLAG, allow_pickle)))
     return out
 
 
@@ -137,33 +128,14 @@ def load_xti_embeddings(model: Any, files: list[XTIFile]) -> LoadedXTI | None:
     """
     if not files:
         return None
-    from library.inference.generate import pipeline_for
-
     for f in files:
         _check_fits(f, model)
     tok, te = model.tokenizers[0], model.text_encoders[0]
-    loader = pipeline_for(model, img2img=False)
+    loader = embedding_loader(model)
     for f in files:
-        names = [layer_token_names(f.token, f.vectors.shape[1], layer)[0] for layer in XTI_LAYERS]
-        try:
-            loader.load_textual_inversion(list(f.vectors), token=names, tokenizer=tok, text_encoder=te)
-        except ValueError as e:
-            raise ConfigError(f"{FLAG} {f.path}: {str(e).splitlines()[0][:200]}") from e
-        _verify(f, tok, te)
+        words = [layer_token_names(f.token, f.vectors.shape[1], layer)[0] for layer in XTI_LAYERS]
+        add_tokens(loader, tok, te, words, list(f.vectors), f"{FLAG} {f.path}")
         logger.info("XTI embedding %s: word %r, %d vector(s) for each of %d layers", f.path, f.token,
                     f.vectors.shape[1], len(XTI_LAYERS))
     return LoadedXTI(files, loader)
 
-
-def _verify(f: XTIFile, tokenizer: Any, text_encoder: Any) -> None:
-    """Every layer token got an id of its own holding the file's vector."""
-    n = f.vectors.shape[1]
-    names = [t for layer in XTI_LAYERS for t in layer_token_names(f.token, n, layer)]
-    ids = tokenizer.convert_tokens_to_ids(names)
-    weight = text_encoder.get_input_embeddings().weight
-    special = {tokenizer.unk_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
-    want = f.vectors.reshape(-1, f.vectors.shape[-1])
-    if len(set(ids)) != len(ids) or special & set(ids) or \
-            not torch.allclose(weight[ids].float().cpu(), want, atol=1e-2, rtol=1e-2):
-        raise ModelLoadError(f"{FLAG} {f.path}: the embedding could not be added to the tokenizer as "
-                             f"{names[0]!r}; rename the file (letters, digits, - and _)")

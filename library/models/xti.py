@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from library.errors import ConfigError, ModelLoadError
+from library.models.embedding_file import read_state
 
 XTI_LAYERS: tuple[str, ...] = (
     "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID",
@@ -186,10 +187,7 @@ def read_xti_file(path: str | Path, flag: str, allow_pickle: bool = False) -> to
     where = f"{flag} {path}"
     if not path.is_file():
         raise ConfigError(f"{where}: file not found")
-    from library.inference.textual_inversion import read_state
-
-    state = read_state(path, allow_pickle, flag)
-    return parse_xti_state(state, where)
+    return parse_xti_state(read_state(path, allow_pickle, flag), where)
 
 
 def layer_token_names(word: str, n_vectors: int, layer: str) -> list[str]:

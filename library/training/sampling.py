@@ -5,7 +5,8 @@ prompt, ``--w`` / ``--h`` size, ``--s`` steps, ``--d`` seed, ``--l`` CFG scale, 
 sampler; ``#`` comments), ``.toml`` (``[[prompt]]`` tables, optionally with ``[prompt]``
 defaults in kohya's layout) or ``.json`` (a list of objects). Keys follow kohya:
 ``prompt``, ``negative_prompt``, ``width``, ``height``, ``sample_steps``, ``seed``, ``scale``,
-``sample_sampler``. :func:`generate` is shared with ``gen_img.py``.
+``sample_sampler``. The pipelines are built by :func:`library.inference.pipeline.build_pipeline`, as
+gen_img's are.
 """
 
 from __future__ import annotations
@@ -22,31 +23,12 @@ from typing import Any
 import torch
 
 from library.errors import ConfigError
+from library.inference.pipeline import assemble_pipeline, build_pipeline
+from library.inference.schedulers import make_scheduler
+from library.models.xti import per_block_kwargs
+from library.utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
-
-# kohya's sampler names -> (diffusers scheduler class, extra config)
-SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "k_lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "k_euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "k_euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    # newer diffusers refuses final_sigmas_type "zero" with the first-order dpmsolver
-    "dpmsolver": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver", "final_sigmas_type": "sigma_min"}),
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmsingle": ("DPMSolverSinglestepScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "k_dpm_2": ("KDPM2DiscreteScheduler", {}),
-    "dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "k_dpm_2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-}
-
 
 @dataclass
 class SamplePrompt:
@@ -134,20 +116,6 @@ def load_prompts(path: str | Path) -> list[SamplePrompt]:
     raise ConfigError(f"--sample_prompts {path}: use a .txt, .toml or .json file")
 
 
-def make_scheduler(sampler: str, scheduler_config: dict[str, Any]):
-    """A diffusers scheduler for kohya's sampler name, from the model's scheduler config."""
-    import diffusers
-
-    key = sampler.lower()
-    if key not in SAMPLERS:
-        raise ConfigError(f"sampler {sampler!r} is not known; choose one of {', '.join(SAMPLERS)}")
-    cls_name, extra = SAMPLERS[key]
-    cfg = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    cfg.update(extra)
-    cfg.setdefault("clip_sample", False)
-    return getattr(diffusers, cls_name).from_config(cfg)
-
-
 def image_file_name(output_name: str | None, prompt_index: int, seed: int | None, *, steps: int,
                     epoch: int | None) -> str:
     """kohya's sample name: ``NAME_e000001_00_20240101120000_42.png`` or ``NAME_000100_00_...``."""
@@ -158,21 +126,15 @@ def image_file_name(output_name: str | None, prompt_index: int, seed: int | None
 
 
 @torch.no_grad()
-def generate(pipeline_cls: type, components: dict[str, Any], encode, sp: SamplePrompt, scheduler_config: dict,
-             default_sampler: str, device: torch.device, dtype: torch.dtype):
-    """Render one image.
+def render_sample(pipe: Any, encode, sp: SamplePrompt, device: torch.device, dtype: torch.dtype):
+    """Render one image with ``pipe`` (a pipeline of :mod:`library.inference.pipeline`, its scheduler set).
 
     Args:
-        pipeline_cls: e.g. ``StableDiffusionPipeline``.
-        components: ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` (the pipeline's own names).
         encode: ``encode(list[str]) -> Conditioning``; the family's text encoding (clip skip, long prompts).
         sp: the prompt and its options.
     Returns:
         a PIL image.
     """
-    scheduler = make_scheduler(sp.sample_sampler or default_sampler, scheduler_config)
-    pipe = pipeline_cls(**components, scheduler=scheduler, **_pipeline_extras(pipeline_cls))
-    pipe.set_progress_bar_config(disable=True)
     cond = encode([sp.prompt])
     uncond = encode([sp.negative_prompt or ""])
     pos, neg = _match_lengths(cond.hidden_states, uncond.hidden_states)
@@ -186,8 +148,6 @@ def generate(pipeline_cls: type, components: dict[str, Any], encode, sp: SampleP
         kwargs.update(pooled_prompt_embeds=cond.pooled.to(device, dtype),
                       negative_pooled_prompt_embeds=uncond.pooled.to(device, dtype))
     if cond.layers is not None:  # XTI: per-layer states for the hooked UNet, in the pipeline's [negative, prompt] order
-        from library.models.xti import per_block_kwargs
-
         pairs = [_match_lengths(p, n) for p, n in zip(cond.layers, uncond.layers)]
         layers = torch.stack([torch.cat([n, p]) for p, n in pairs])
         kwargs["cross_attention_kwargs"] = per_block_kwargs(layers.to(device, dtype))
@@ -196,16 +156,13 @@ def generate(pipeline_cls: type, components: dict[str, Any], encode, sp: SampleP
     return out.images[0]
 
 
-def _pipeline_extras(pipeline_cls: type) -> dict[str, Any]:
-    import inspect
-
-    params = inspect.signature(pipeline_cls.__init__).parameters
-    extras: dict[str, Any] = {}
-    if "safety_checker" in params:
-        extras.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    if "image_encoder" in params:
-        extras["image_encoder"] = None
-    return extras
+def generate(pipeline_cls: type, components: dict[str, Any], encode, sp: SamplePrompt, scheduler_config: dict,
+             default_sampler: str, device: torch.device, dtype: torch.dtype):
+    """Render one image with a new ``pipeline_cls`` pipeline over ``components`` (the pipeline's own names:
+    ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ...); see :func:`render_sample`. Training samples
+    go through :func:`~library.inference.pipeline.build_pipeline`, which asks the family for the class."""
+    scheduler = make_scheduler(sp.sample_sampler or default_sampler, scheduler_config)
+    return render_sample(assemble_pipeline(pipeline_cls, components, scheduler), encode, sp, device, dtype)
 
 
 def _match_lengths(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,19 +212,14 @@ def sample_during_training(s: Any, steps: int, epoch: int | None) -> list[Path]:
     encode = lambda texts: s.family.encode_prompts(  # noqa: E731
         model.text_encoders, model.tokenizers, texts, a.max_token_length, a.clip_skip, acc.device,
         weighted=True, keep_mean=True)
-    components = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoders[0],
-                  "tokenizer": model.tokenizers[0]}
-    if len(model.text_encoders) > 1:
-        components.update(text_encoder_2=model.text_encoders[1], tokenizer_2=model.tokenizers[1])
     written = []
     try:
         for sp in prompts:
+            pipe = build_pipeline(model, make_scheduler(sp.sample_sampler or a.sample_sampler or "ddim",
+                                                        model.scheduler_config))
             with acc.autocast():
-                image = generate(s.family.pipeline_class(), components, encode, sp, model.scheduler_config,
-                                 a.sample_sampler or "ddim", acc.device, model.unet.dtype)
+                image = render_sample(pipe, encode, sp, acc.device, model.unet.dtype)
             path = out_dir / image_file_name(a.output_name, sp.enum, sp.seed, steps=steps, epoch=epoch)
-            from library.utils.atomic import atomic_write
-
             atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
             written.append(path)
             logger.info("sample image %s", path)
