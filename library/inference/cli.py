@@ -81,7 +81,7 @@ def check_family(args, model) -> None:
                                       ("original_height_negative", args.original_height_negative),
                                       ("crop_top", args.crop_top), ("crop_left", args.crop_left))
              if value is not None]
-    if sizes and model.family is not Family.SDXL:
+    if sizes and not model.family.size_conditioning:
         raise ConfigError(f"--{sizes[0]} is SDXL size conditioning; {args.ckpt} is an {model.family.pretty} model")
 
 
@@ -112,7 +112,6 @@ def run(args) -> list[Path]:
     from library.inference.prompts import PromptOptions, parse_prompt, plan_images, read_prompt_file
     from library.inference.textual_inversion import load_embeddings, read_embeddings
     from library.inference.xti import load_xti_embeddings, read_xti_embeddings
-    from library.models.families import Family
     from library.models.loading import load_models
 
     problems = check_args(args)
@@ -135,9 +134,9 @@ def run(args) -> list[Path]:
     check_family(args, model)
     words = load_embeddings(model, embeddings)  # into model.tokenizers / text_encoders, before the move
     xti = load_xti_embeddings(model, xti_files)
-    sdxl = model.family is Family.SDXL
-    defaults = PromptOptions(prompt="", width=(args.W or (1024 if sdxl else 512)) // 8 * 8,
-                             height=(args.H or (1024 if sdxl else 512)) // 8 * 8, steps=args.steps, scale=args.scale,
+    width, height = model.family.resolution(False)
+    defaults = PromptOptions(prompt="", width=(args.W or width) // 8 * 8,
+                             height=(args.H or height) // 8 * 8, steps=args.steps, scale=args.scale,
                              negative_scale=args.negative_scale, strength=0.8 if args.strength is None else args.strength,
                              sampler=args.sampler, original_width=args.original_width,
                              original_height=args.original_height, original_width_negative=args.original_width_negative,

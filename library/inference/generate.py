@@ -31,7 +31,6 @@ from library.inference.pipeline import build_pipeline
 from library.inference.prompt_weighting import encode_prompts
 from library.inference.prompts import ImageTask, PromptOptions, batches
 from library.inference.schedulers import make_scheduler
-from library.models.families import Family
 from library.models.xti import XTI_KWARG, XTI_LAYERS, per_block_kwargs
 from library.training.family import Conditioning
 from library.utils.atomic import atomic_write
@@ -183,7 +182,7 @@ def render_batch(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], set
     if layers is not None:  # the pipeline batches [negative, prompt] with guidance
         kw["cross_attention_kwargs"] = per_block_kwargs(
             torch.cat([layer_part(1), layer_part(0)], dim=1) if guided else layer_part(0))
-    if model.family is Family.SDXL:
+    if model.family.size_conditioning:
         kw["pooled_prompt_embeds"] = part(enc.pooled, 0)
         if guided:
             kw["negative_pooled_prompt_embeds"] = part(enc.pooled, 1)
@@ -281,7 +280,7 @@ def run_job(model: Any, tasks: list[ImageTask], settings: JobSettings, networks:
     settings.outdir.mkdir(parents=True, exist_ok=True)
     pipes: dict[bool, Any] = {}
     written: list[Path] = []
-    sdxl = model.family is Family.SDXL
+    sdxl = model.family.size_conditioning
     with tqdm(total=len(tasks), desc="generating", unit="img") as bar:
         for batch in batches(tasks, settings.batch_size):
             muls = batch[0].options.network_muls
@@ -316,7 +315,7 @@ def _save(batch: list[ImageTask], images: list, settings: JobSettings, sdxl: boo
 def _render_highres(model: Any, pipes: dict[bool, Any], batch: list[ImageTask], settings: JobSettings,
                     hr: HighresFix) -> list[Path]:
     """kohya's highres fix for one batch (see :mod:`library.inference.highres`); returns the written files."""
-    sdxl = model.family is Family.SDXL
+    sdxl = model.family.size_conditioning
     o = batch[0].options
     first = first_stage_options(o, hr)
     latents: list = []

@@ -160,7 +160,7 @@ class LoadedEmbeddings:
 
 def _check_fits(emb: EmbeddingFile, family: Family, tokenizers: list, text_encoders: list) -> None:
     where = f"{FLAG} {emb.path}"
-    sdxl = family is Family.SDXL
+    sdxl = family.n_text_encoders == 2  # clip_l + clip_g files
     if emb.sdxl != sdxl:
         kind = "an SDXL embedding (clip_l + clip_g)" if emb.sdxl else "an SD 1.x/2.x embedding (one text encoder)"
         raise ConfigError(f"{where} is {kind}, but the model is {family.pretty}")
@@ -191,7 +191,7 @@ def load_embeddings(model: Any, embeddings: list[EmbeddingFile]) -> LoadedEmbedd
     """
     if not embeddings:
         return None
-    n_tes = 2 if model.family is Family.SDXL else 1
+    n_tes = model.family.n_text_encoders
     tokenizers, text_encoders = list(model.tokenizers[:n_tes]), list(model.text_encoders[:n_tes])
     for emb in embeddings:
         _check_fits(emb, model.family, tokenizers, text_encoders)

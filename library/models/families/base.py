@@ -143,6 +143,7 @@ class Family(str, metaclass=_FamilyMeta):
     lora_key_layout: str = "sd"  # LoRA module names: "sd" (diffusers paths) or "sdxl" (sgm paths)
     bucket_multiple: int | None = None  # bucket sides (px) must be multiples of this; None: no rule
     supports_te_cache: bool = False  # --cache_text_encoder_outputs
+    size_conditioning: bool = False  # the UNet also takes the pooled text embedding and size/crop ids (SDXL)
     latent_scale: float = 0.18215  # the real VAE's scaling_factor
     latent_shift: float = 0.0  # the real VAE's shift_factor (0: none)
     pipeline_name: str = "StableDiffusionPipeline"  # diffusers class (model_index.json, sampling)

@@ -130,6 +130,7 @@ class SDXL(Family):
     lora_key_layout = "sdxl"
     bucket_multiple = 32  # the UNet halves the latents three times
     supports_te_cache = True
+    size_conditioning = True
     latent_scale = 0.13025
     pipeline_name = "StableDiffusionXLPipeline"
     scheduler_name = "EulerDiscreteScheduler"
