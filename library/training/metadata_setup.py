@@ -82,14 +82,14 @@ def build_session_metadata(t: Any, s: Any, optimizer_text: str) -> dict[str, str
         te_lr = te_lr[0] if len(te_lr) == 1 else (list(te_lr) or None)
     md = build_training_metadata(
         a, session_id=session_id, started_at=started_at,
-        base_model_version=s.family.base_model_version(s.model.family.value == "sd2", s.v_prediction),
+        base_model_version=s.family.base_model_version(s.model.family.v2, s.v_prediction),
         optimizer_text=optimizer_text, text_encoder_lr=te_lr, net_kwargs=s.net_kwargs,
         num_epochs=s.num_epochs, num_batches_per_epoch=s.plan.batches_per_epoch,
         dataset_info=dataset_metadata(s.group, a, s.accelerator.num_processes),
         model_hashes=model_hashes(a) if a.pretrained_model_name_or_path else {})
     md["ss_max_train_steps"] = str(s.max_train_steps)
     # the model decides, not the flags: an SD2 folder loaded without --v2 is still SD2
-    md["ss_v2"] = str(s.model.family.value == "sd2")
+    md["ss_v2"] = str(s.model.family.v2)
     md.update({k: str(v) for k, v in t.session_metadata_extra().items()})
     return md
 

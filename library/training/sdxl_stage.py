@@ -21,9 +21,6 @@ from library.training.trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
-SDXL_BUCKET_MULTIPLE = 32  # px: the SDXL UNet halves the 1/8-size latents three times
-
-
 class SdxlStage(Trainer):
     """SDXL base models: family, 32-px buckets and text-encoder output caching for any training method."""
 
@@ -54,10 +51,10 @@ class SdxlStage(Trainer):
 
     def build_dataset_group(self, seed: int, world: int) -> Any:
         group = super().build_dataset_group(seed, world)
-        bad = sorted({d.params.bucket_reso_steps for d in group.datasets
-                      if d.enable_bucket and d.params.bucket_reso_steps % SDXL_BUCKET_MULTIPLE})
-        if bad:  # the SDXL UNet halves the latents three times: sides must be multiples of 32 px
-            raise ConfigError(f"bucket_reso_steps {bad[0]} is not a multiple of 32, which SDXL needs; use 32 or 64")
+        problems = sorted({Family.SDXL.check_bucket_steps(d.params.bucket_reso_steps) or ""
+                           for d in group.datasets if d.enable_bucket} - {""})
+        if problems:  # the family's bucket multiple (SDXL: its UNet halves the latents three times)
+            raise ConfigError(problems[0])
         return group
 
     def cache_text_encoder_outputs(self, group: Any, model: Any, accelerator: Any) -> None:

@@ -24,7 +24,6 @@ import torch
 
 from library.config.settings import flag_values
 from library.errors import ConfigError
-from library.models.families import Family
 
 A1111_STAR_TOKEN_ID = 265  # the id of "*" in CLIP's vocabulary, as A1111 records it
 
@@ -58,7 +57,7 @@ def save_embedding(path: Path, tensors: dict[str, torch.Tensor], s: Any, args: A
 
     if path.suffix == ".safetensors":
         save_safetensors(tensors, path, embedding_metadata(s, args, steps, epoch))
-    elif s.model.family is Family.SDXL or len(tensors) != 1:
+    elif s.model.family.n_text_encoders > 1 or len(tensors) != 1:
         save_torch(dict(tensors), path)
     else:
         (vectors,) = tensors.values()

@@ -169,7 +169,7 @@ class EmbeddingTarget(TrainingTarget):
 
     def file_keys(self, family: Family) -> list[str]:
         """The saved file's tensor name per text encoder."""
-        return list(SDXL_KEYS) if family is Family.SDXL else [SD_KEY]
+        return list(SDXL_KEYS) if family.n_text_encoders == 2 else [SD_KEY]
 
     def build_tables(self, model: Any) -> list[TokenTable]:
         """Add :meth:`token_strings` to each tokenizer and extend its text encoder's table."""
@@ -279,7 +279,7 @@ class EmbeddingTarget(TrainingTarget):
         a = self.args
         return {"ss_token_string": a.token_string, "ss_num_vectors_per_token": str(a.num_vectors_per_token),
                 "ss_init_word": a.init_word or "", "ss_base_model_version":
-                s.family.base_model_version(s.model.family is Family.SD2, s.v_prediction),
+                s.family.base_model_version(s.model.family.v2, s.v_prediction),
                 "ss_optimizer": optimizer_text, "ss_learning_rate": str(a.learning_rate),
                 "ss_max_train_steps": str(s.max_train_steps), "ss_output_name": a.output_name or ""}
 

@@ -94,7 +94,7 @@ class FullModelTrainer(Trainer):
         return None
 
     def num_text_encoders(self) -> int:
-        return 2 if Family.SDXL in self.expected_families() else 1
+        return max(f.n_text_encoders for f in self.expected_families())
 
     def save_format(self) -> SaveFormat:
         a = self.args
