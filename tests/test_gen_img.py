@@ -322,7 +322,8 @@ def test_xformers_missing_names_the_extra(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.integration
 def test_lycoris_network_hooked_equals_merged(tiny_model_dir, tmp_path):
-    """A third-party module (lycoris.kohya, LoCon) through kohya's interface: hooked and merged agree."""
+    """A third-party module (lycoris.kohya, LoCon) through kohya's interface: hooked and merged agree, also
+    at a multiplier other than 1 (lycoris 4.1 merges at 1 whatever it is given: plugin_compat)."""
     lk = pytest.importorskip("lycoris.kohya")
     from library.models.loading import load_models
     from library.training.plugin_compat import apply_fixes
@@ -344,3 +345,8 @@ def test_lycoris_network_hooked_equals_merged(tiny_model_dir, tmp_path):
     plain = _run(args[:-4], tmp_path / "plain")[0]
     _close(merged, hooked, tol=2)
     assert np.abs(hooked - plain).max() > 10
+    half = ["--network_mul", "0.5"]
+    hooked_half = _run([*args, *half], tmp_path / "hooked_half")[0]
+    merged_half = _run([*args, *half, "--network_merge"], tmp_path / "merged_half")[0]
+    _close(merged_half, hooked_half, tol=2)
+    assert np.abs(hooked_half - hooked).max() > 5 and np.abs(hooked_half - plain).max() > 5
