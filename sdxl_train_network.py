@@ -7,7 +7,7 @@
 
 The training template is train_network.py's; this script adds the SDXL stages of
 library/training/sdxl_stage.py: the SDXL model family (two text encoders, pooled embedding,
-size/crop time ids: library/training/family_sdxl.py), 32-px buckets and text-encoder output
+size/crop time ids: library/models/families/sdxl.py), 32-px buckets and text-encoder output
 caching (library/data/te_cache.py). See docs/sdxl.md for the low-memory recipe.
 SD1.x/SD2.x models: use train_network.py.
 """

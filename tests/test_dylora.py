@@ -1,7 +1,8 @@
 """networks.dylora: training through train_network.py, kohya's file format, loading as a plain LoRA,
 the rank split tool, the per-step rank draw and its gradients, network_args errors, SDXL key layout.
 
-All on tiny real models (no mocks of the math).
+All on tiny real models (no mocks of the math). Save/load, merge, gradient checkpointing (with the
+step's rank) and diffusers loading, as for every network module: tests/contracts/test_contract_networks.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from library.models.families import Family
 from library.models.tiny import build_tiny_model
 from networks import dylora, lora
 from networks.extract_lora_from_dylora import main as extract_main
-from test_lora_network import _te, _te_out, _unet_out
+from tests.helpers_networks import te_arg as _te
+from tests.helpers_networks import te_out as _te_out
+from tests.helpers_networks import unet_out as _unet_out
 from tests.trainer_fixtures import lora_metadata, lora_tensors, make_dataset, run_in_process, train_argv
 
 
@@ -82,19 +85,6 @@ def test_file_loads_as_plain_lora_with_same_outputs(sd1, tmp_path):
     loaded = again.state_dict()
     for k, v in net.state_dict().items():
         assert torch.equal(loaded[k], v), k
-
-
-def test_diffusers_loads_the_file(tmp_path):
-    pytest.importorskip("peft")
-    from test_lora_format import _diffusers_pipeline
-
-    ours, theirs = build_tiny_model(Family.SD1), build_tiny_model(Family.SD1)
-    net = _dylora(ours, unit="4")
-    path = tmp_path / "dy.safetensors"
-    net.save_weights(str(path), torch.float32, {})
-    net.apply_to(_te(ours), ours.unet)
-    _diffusers_pipeline(theirs).load_lora_weights(str(path))
-    torch.testing.assert_close(_unet_out(theirs), _unet_out(ours), rtol=1e-5, atol=1e-5)
 
 
 def test_extracted_rank_r_lora_is_the_first_r_ranks(sd1, tmp_path):
@@ -221,27 +211,3 @@ def test_max_norm_regularization_scales_the_units(sd1):
     assert scaled > 0 and max_norm <= 0.05 + 1e-6
     norms = [m.delta_weight(multiplier=1.0).norm().item() for m in net.all_loras]
     assert max(norms) <= 0.05 + 1e-5 and abs(sum(norms) / len(norms) - mean_norm) < 1e-5
-
-
-def test_gradient_checkpointing_sees_the_step_rank(sd1):
-    """The rank is drawn once per step, so checkpointing's recompute uses the same rank as the forward."""
-    net = _dylora(sd1, unit="2", conv_dim="8")
-    net.apply_to(_te(sd1), sd1.unet, apply_text_encoder=False)
-    net.prepare_grad_etc(None, sd1.unet)
-    net.train()
-    sd1.unet.train()
-    net.set_trained_units(3)
-    plain = _lora_grads_or_none(sd1, net)
-    sd1.unet.enable_gradient_checkpointing()
-    checkpointed = _lora_grads_or_none(sd1, net)
-    assert plain.keys() == checkpointed.keys() and len(plain) == 2 * len(net.unet_loras)  # unit 3 of down and up
-    for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
-
-
-def _lora_grads_or_none(m, net) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-    net.zero_grad(set_to_none=True)
-    m.unet(x, torch.tensor([10, 900]), ctx).sample.square().mean().backward()
-    return {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}

@@ -1,5 +1,6 @@
 """fine_tune.py end to end on the tiny SD1 model: metadata JSON / JSONL datasets, repeats, the text
-encoder, diffusers reading the result; the metadata's image_size / train_resolution; bad metadata."""
+encoder, diffusers reading the result; the metadata's image_size / train_resolution; bad metadata; a
+killed run's resume and its counters (the plain resume contract: tests/contracts/test_contract_methods.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.trainer_fixtures import PHOTOS, assert_same_tensors
 from tests.data_fixtures import copy_photo
+from tests.helpers_resume import run_killed_after_state, run_script_in_process, state_progress
+from tests.trainer_fixtures import PHOTOS, assert_same_tensors
 
 pytestmark = pytest.mark.integration
 
 
 def run_ft(argv: list[str]) -> int:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    import fine_tune
-
-    return fine_tune.main(argv)
+    return run_script_in_process("fine_tune", argv)
 
 
 @pytest.fixture(scope="module")
@@ -162,32 +158,15 @@ def resume_ref(tiny_model_dir, images, tmp_path_factory):
 def test_resume_after_kill_is_bit_identical_and_counters_continue(tiny_model_dir, resume_ref):
     """SIGKILL after the step-2 state; resuming gives the uninterrupted run's weights bit for bit, and the
     step / epoch counters continue from the state (kohya's fine_tune.py restarts them, sd-scripts#1559)."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
     from safetensors.torch import load_file
-
-    from tests.trainer_fixtures import ROOT
 
     root, folder, meta, common, ref = resume_ref
     model = tiny_model_dir("sd1")
     killed = root / "killed"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "fine_tune.py"),
-                             *ft_argv(model, folder, meta, killed, *common, "--save_every_n_steps", "2",
-                                      "--save_state")],
-                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},  # same threads: same sums
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "ft-step00000002-state"
-    deadline = time.time() + 120
-    while not (state / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (state / "train_state.json").exists(), "the run never saved its first state"
-    assert json.loads((state / "train_state.json").read_text())["progress"]["global_step"] == 2
+    run_killed_after_state("fine_tune", ft_argv(model, folder, meta, killed, *common, "--save_every_n_steps", "2",
+                                                "--save_state"), state)
+    assert state_progress(state)["global_step"] == 2
     out = root / "resumed"
     assert run_ft(ft_argv(model, folder, meta, out, *common, "--resume", str(state), "--save_every_n_steps", "2",
                           "--save_state", "--save_state_on_train_end")) == 0
@@ -195,22 +174,11 @@ def test_resume_after_kill_is_bit_identical_and_counters_continue(tiny_model_dir
     assert_same_tensors(load_file(ref / "ft-step00000004.safetensors"), load_file(out / "ft-step00000004.safetensors"))
     # the counters continued: no step-2 save again, step 4 is the start of the second epoch, the run ends at 6
     assert not (out / "ft-step00000002.safetensors").exists()
-    at4 = json.loads((out / "ft-step00000004-state" / "train_state.json").read_text())
-    assert at4["progress"]["global_step"] == 4 and at4["progress"]["epoch"] == 1
-    assert at4["progress"]["batch_in_epoch"] == 0
+    at4 = state_progress(out / "ft-step00000004-state")
+    assert at4["global_step"] == 4 and at4["epoch"] == 1 and at4["batch_in_epoch"] == 0
     end = json.loads((out / "ft-state" / "train_state.json").read_text())
     assert end["progress"]["global_step"] == 6 and end["current_step"] == 6 and end["progress"]["epoch"] == 1
     # the text encoder was trained after the resume too (its optimizer state came back)
     te = [k for k in load_file(out / "ft.safetensors") if k.startswith("cond_stage_model.")]
     a, b = load_file(out / "ft-step00000004.safetensors"), load_file(out / "ft.safetensors")
     assert any(not torch.equal(a[k], b[k]) for k in te)
-
-
-def test_resume_from_epoch_state(tiny_model_dir, resume_ref, tmp_path):
-    """From the state written at the epoch boundary (step 4), in this process: the same final weights."""
-    from safetensors.torch import load_file
-
-    root, folder, meta, common, ref = resume_ref
-    state = ref / "ft-step00000004-state"
-    assert run_ft(ft_argv(tiny_model_dir("sd1"), folder, meta, tmp_path, *common, "--resume", str(state))) == 0
-    assert_same_tensors(load_file(ref / "ft.safetensors"), load_file(tmp_path / "ft.safetensors"))

@@ -1,6 +1,8 @@
-"""networks.lora: module interface, hooking, key names, network_args, dropouts, optimizer groups, merge.
+"""networks.lora: module interface, hooking, key names, network_args, dropouts, optimizer groups.
 
-Everything runs on the tiny real diffusers/transformers models (no mocks of the math).
+Everything runs on the tiny real diffusers/transformers models (no mocks of the math). What every
+network module must do (save/load, merge ≡ hooked, gradient checkpointing, diffusers loading) is in
+tests/contracts/test_contract_networks.py.
 """
 
 from __future__ import annotations
@@ -12,25 +14,12 @@ from library.errors import ConfigError
 from library.models.families import Family
 from library.models.tiny import build_tiny_model
 from networks import lora
-from networks.interface import NetworkCapabilities, call_prepare_optimizer_params, capabilities_of
-from tests.trainer_fixtures import unet_out as _unet_out
-
-
-def _te(m):
-    return m.text_encoders if m.family is Family.SDXL else m.text_encoders[0]
-
-
-def _randomize_up(net: lora.LoRANetwork, seed: int = 1, std: float = 0.1) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.all_loras:
-            module.lora_up.weight.copy_(torch.randn(module.lora_up.weight.shape, generator=g) * std)
-
-
-def _te_out(m, i: int = 0) -> torch.Tensor:
-    ids = m.tokenizers[i]("a photo of a dog", padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        return m.text_encoders[i](ids, output_hidden_states=True).hidden_states[-2]
+from library.network_contract import NetworkCapabilities, call_prepare_optimizer_params, capabilities_of
+# the names test_lora_format.py and test_dylora.py import from here
+from tests.helpers_networks import randomize_lora_up as _randomize_up
+from tests.helpers_networks import te_arg as _te
+from tests.helpers_networks import te_out as _te_out
+from tests.helpers_networks import unet_out as _unet_out
 
 
 @pytest.fixture
@@ -188,19 +177,6 @@ def test_dropout_injected_by_kohya_trainer_is_accepted(sd1):
     assert net.unet_loras[0].dropout == 0.1
 
 
-def test_merge_to_equals_hooked_forward():
-    hooked, merged = build_tiny_model(Family.SD1), build_tiny_model(Family.SD1)
-    net = lora.create_network(0.7, 4, 2, hooked.vae, _te(hooked), hooked.unet, conv_dim=2)
-    _randomize_up(net)
-    sd = {k: v.clone() for k, v in net.state_dict().items()}
-    net.apply_to(_te(hooked), hooked.unet)
-    net2, _ = lora.create_network_from_weights(0.7, None, merged.vae, _te(merged), merged.unet, weights_sd=sd)
-    assert net2.is_mergeable()
-    net2.merge_to(_te(merged), merged.unet, sd, torch.float32, "cpu")
-    torch.testing.assert_close(_unet_out(merged), _unet_out(hooked), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(_te_out(merged), _te_out(hooked), rtol=1e-4, atol=1e-5)
-
-
 def test_apply_unet_only_drops_text_encoder_modules(sd1):
     net = lora.create_network(1.0, 4, 1, sd1.vae, _te(sd1), sd1.unet)
     base_te = _te_out(sd1)
@@ -328,29 +304,6 @@ def test_full_size_sdxl_unet_key_set_matches_kohya():
     names = {m.lora_name for m in net.unet_loras}
     assert len(names) == 722
     assert names == _sgm_sdxl_unet_names()
-
-
-def _lora_grads(m, net) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
-    net.zero_grad(set_to_none=True)
-    m.unet(x, torch.tensor([10, 900]), ctx).sample.square().mean().backward()
-    return {n: p.grad.clone() for n, p in net.named_parameters()}
-
-
-def test_gradient_checkpointing_gives_same_gradients(sd1):
-    net = lora.create_network(1.0, 4, 1, sd1.vae, _te(sd1), sd1.unet, conv_dim=2)
-    net.apply_to(_te(sd1), sd1.unet, apply_text_encoder=False)
-    _randomize_up(net)
-    net.prepare_grad_etc(_te(sd1), sd1.unet)
-    sd1.unet.train()
-    plain = _lora_grads(sd1, net)
-    sd1.unet.enable_gradient_checkpointing()
-    net.enable_gradient_checkpointing()
-    checkpointed = _lora_grads(sd1, net)
-    assert plain.keys() == checkpointed.keys() and all(g.abs().sum() > 0 for g in plain.values())
-    for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-7)
 
 
 def test_low_precision_base_keeps_its_dtype(sd1):

@@ -1,18 +1,15 @@
-"""Exact resume (#4 item 7): a resumed run gives the same LoRA, bit for bit, on CPU in fp32."""
+"""Exact resume (#4 item 7) of train_network.py with shuffling, dropouts and a schedule: chains of resumes,
+a killed run, bad states. A resumed run of every method is bit-identical: tests/contracts/test_contract_methods.py.
+"""
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from tests.trainer_fixtures import (ROOT, assert_same_tensors, lora_tensors, make_dataset, run_in_process,
-                                    train_argv)
+from tests.helpers_resume import run_killed_after_state
+from tests.trainer_fixtures import assert_same_tensors, lora_tensors, make_dataset, run_in_process, train_argv
 
 pytestmark = pytest.mark.integration
 
@@ -30,15 +27,6 @@ def setup(tiny_model_dir, tmp_path_factory):
     assert run_in_process(train_argv(model, data, ref, *common, "--save_every_n_steps", "2", "--save_state",
                                      steps=6)) == 0
     return root, data, model, common, ref
-
-
-def test_resume_from_step_state_is_bit_identical(setup):
-    root, data, model, common, ref = setup
-    out = root / "resumed"
-    state = ref / "lora-step00000002-state"
-    assert json.loads((state / "train_state.json").read_text())["progress"]["global_step"] == 2
-    assert run_in_process(train_argv(model, data, out, *common, "--resume", str(state), steps=6)) == 0
-    assert_same_tensors(lora_tensors(ref / "lora.safetensors"), lora_tensors(out / "lora.safetensors"))
 
 
 def test_repeated_resumes_keep_counters_and_result(setup):
@@ -62,18 +50,10 @@ def test_resume_after_sigkill(setup):
     root, data, model, common, ref = setup
     out = root / "killed"
     argv = train_argv(model, data, out, *common, "--save_every_n_steps", "2", "--save_state", steps=6)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_network.py"), *argv], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},  # same threads -> same float sums
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = out / "lora-step00000002-state"
-    deadline = time.time() + 90
-    while not (state / "train_state.json").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (state / "train_state.json").exists(), "the run never saved its first state"
-    assert not (out / "lora.safetensors").exists() or proc.returncode == 0
+    rc = run_killed_after_state("train_network", argv, state, timeout=90)
     # whatever was being written when the process died is a temp file, never a broken final name
+    assert not (out / "lora.safetensors").exists() or rc == 0
     resumed = root / "killed_resumed"
     assert run_in_process(train_argv(model, data, resumed, *common, "--resume", str(state), steps=6)) == 0
     assert_same_tensors(lora_tensors(ref / "lora.safetensors"), lora_tensors(resumed / "lora.safetensors"))

@@ -20,8 +20,8 @@ from typing import Any, Sequence
 import torch
 
 from library.errors import ConfigError, ModelLoadError
+from library.network_contract import capabilities_of
 from library.training.plugin_compat import apply_fixes
-from networks.interface import capabilities_of
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from library.errors import TrainingError
+from library.network_contract import call_prepare_optimizer_params, capabilities_of
 from library.training.targets import TrainingTarget
 from library.training.targets.prepare import frozen_te_dtype, place_models
 
@@ -36,8 +37,6 @@ class NetworkTarget(TrainingTarget):
 
     # ---------------------------------------------------------------- building
     def build(self, t: Any, model: Any, accelerator: Any, weight_dtype: torch.dtype) -> None:
-        from networks.interface import call_prepare_optimizer_params, capabilities_of
-
         a = self.args
         module = t.import_network_module()
         self.net_kwargs = t.network_kwargs()
