@@ -211,6 +211,24 @@ def test_save_policy_keep_last_n():
     assert epoch_name("x", 3) == "x-000003" and step_name(None, 100) == "at-step00000100"
 
 
+def test_save_policy_from_flags():
+    """Built once from the parsed flags; --save_n_epoch_ratio N overrides --save_every_n_epochs (about N saves)."""
+    from argparse import Namespace
+
+    from library.training.saving import SavePolicy
+
+    flags = dict(save_every_n_epochs=4, save_n_epoch_ratio=None, save_every_n_steps=50, save_last_n_epochs=2,
+                 save_last_n_steps=None, save_last_n_epochs_state=None, save_last_n_steps_state=100,
+                 save_state=True, save_state_on_train_end=False)
+    pol = SavePolicy.from_args(Namespace(**flags), num_epochs=10)
+    assert (pol.every_n_epochs, pol.every_n_steps, pol.last_n_epochs, pol.last_n_steps_state) == (4, 50, 2, 100)
+    assert pol.save_state and not pol.save_state_on_train_end
+    assert SavePolicy.from_args(Namespace(**{**flags, "save_n_epoch_ratio": 3}), num_epochs=10).every_n_epochs == 3
+    assert SavePolicy.from_args(Namespace(**{**flags, "save_n_epoch_ratio": 20}), num_epochs=10).every_n_epochs == 1
+    # a script without some of the flags reads their declared defaults
+    assert SavePolicy.from_args(Namespace(save_every_n_steps=7), num_epochs=1) == SavePolicy(every_n_steps=7)
+
+
 def test_local_slices_cover_global_batch():
     from library.training.data import local_slice
 

@@ -160,12 +160,7 @@ def run_loop(t: Any, s: Any) -> Path | None:
 def _run_loop(t: Any, s: Any, validator: Validator | None) -> Path | None:
     a, acc, target = s.args, s.accelerator, s.target
     out_dir = t.check_output_dir()
-    every_n_epochs = a.save_every_n_epochs
-    if a.save_n_epoch_ratio:  # kohya: save about N times over the run
-        every_n_epochs = s.num_epochs // a.save_n_epoch_ratio or 1
-    policy = S.SavePolicy(every_n_epochs, a.save_every_n_steps, a.save_last_n_epochs, a.save_last_n_steps,
-                          a.save_last_n_epochs_state, a.save_last_n_steps_state, bool(a.save_state),
-                          bool(a.save_state_on_train_end))
+    policy = S.SavePolicy.from_args(a, s.num_epochs)
     progress = start(s)
     set_train_mode(s.optimizer, True)  # schedule-free: a state may have been saved in eval mode
     val_loss: float | None = None

@@ -14,6 +14,9 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from library.config.settings import flag_values
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ def model_ext(save_model_as: str | None) -> str:
     return "." + (save_model_as or "safetensors")
 
 
-@dataclass
+@dataclass(frozen=True)
 class SavePolicy:
     """When to save models and states (kohya's ``--save_*`` flags)."""
 
@@ -46,6 +49,18 @@ class SavePolicy:
     last_n_steps_state: int | None = None
     save_state: bool = False
     save_state_on_train_end: bool = False
+
+    @classmethod
+    def from_args(cls, args: Any, num_epochs: int) -> "SavePolicy":
+        """The policy of kohya's ``--save_*`` flags for a run of ``num_epochs`` epochs
+        (``--save_n_epoch_ratio N``: about N saves over the run, overriding ``--save_every_n_epochs``)."""
+        v = flag_values(args)
+        every_n_epochs = v["save_every_n_epochs"]
+        if v["save_n_epoch_ratio"]:
+            every_n_epochs = num_epochs // v["save_n_epoch_ratio"] or 1
+        return cls(every_n_epochs, v["save_every_n_steps"], v["save_last_n_epochs"], v["save_last_n_steps"],
+                   v["save_last_n_epochs_state"], v["save_last_n_steps_state"], bool(v["save_state"]),
+                   bool(v["save_state_on_train_end"]))
 
     def save_at_step(self, step: int) -> bool:
         return bool(self.every_n_steps) and step % self.every_n_steps == 0
