@@ -5,7 +5,7 @@
     flock /tmp/sdtk-heavy.lock .venv/bin/python bench/compare_kohya.py --method db
     flock /tmp/sdtk-heavy.lock .venv/bin/python bench/compare_kohya.py --method sdxl_ft --variant fp32|bf16
     flock /tmp/sdtk-heavy.lock .venv/bin/python bench/compare_kohya.py --method ti --family sd1
-        [--steps N1,N2] [--rounds N] [--extra "FLAGS"] [--json OUT] [--peer DIR] [--sdtk DIR]
+        [--steps N1,N2] [--rounds N] [--extra "FLAGS"] [--sdtk_extra "FLAGS"] [--json OUT] [--peer DIR] [--sdtk DIR]
 
 A benchmark tool, never part of the test suite and imported by nothing. It generalises
 ``../shared/peer/compare_perf.py`` (issue 12) to the full-model and textual-inversion methods
@@ -50,6 +50,9 @@ so the full-model and TI defaults are smaller than compare_perf's, to keep one r
 Differences between the two command lines: none so far. Every flag above exists in kohya
 sd-scripts 48d368f (train_util's common arguments, train_db's and sdxl_train's own) and in sdtk.
 Where they must differ one day, put the flag in ``ONLY[tool]`` below and write why here.
+``--sdtk_extra`` adds flags to sdtk's command line only, for targets stated against kohya's run with
+other settings (issue 12: sdtk with ``--fp8_base`` / bf16 against kohya's fp32 peak and step); the
+record and the summary say so, and such a ratio is not a like-for-like comparison.
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ def main() -> None:
                     help="the peer built by ../shared/peer/setup_kohya.sh (default $PEER or ~/peer)")
     ap.add_argument("--sdtk", default=str(ROOT), help="sdtk checkout; its .venv/bin/python is used (default: this one)")
     ap.add_argument("--extra", default="", help="flags added to both tools' command lines")
+    ap.add_argument("--sdtk_extra", default="", help="flags added to sdtk's command line only (asymmetric: "
+                    "for targets stated against kohya's run with other settings)")
     ap.add_argument("--steps", default=None, help="N1,N2 (default: lora 3,8 / 2,5 as compare_perf.py; db, ti 2,5; "
                     "sdxl_ft 2,4)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds; per-round ratios and medians reported")
@@ -184,7 +189,11 @@ def main() -> None:
     work = Path(a.workdir or tempfile.mkdtemp(prefix=f"cmpk-{label}-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmds = {t: [str(py), str(root / script), *common, *ONLY[t]] for t, (py, root) in tools.items()}
+    only = {t: [*ONLY[t], *(shlex.split(a.sdtk_extra) if t == "sdtk" else [])] for t in tools}
+    cmds = {t: [str(py), str(root / script), *common, *only[t]] for t, (py, root) in tools.items()}
+    if a.sdtk_extra:
+        label += "-sdtk_extra"
+        print(f"asymmetric: sdtk alone gets {a.sdtk_extra!r}; the ratios compare different settings")
     missing = {t: f"{root / script} does not exist" for t, (py, root) in tools.items() if not (root / script).exists()}
     record: dict[str, object] = {"method": a.method, "family": a.family, "variant": a.variant if a.method == "sdxl_ft"
                                  else None, "label": label, "steps": [n1, n2], "rounds": a.rounds,

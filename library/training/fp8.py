@@ -19,6 +19,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from library.utils.mapped_pages import file_ranges, release_file_pages
+
 logger = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
@@ -118,12 +120,17 @@ class Fp8Conv2d(_Fp8Mixin, torch.nn.Conv2d):
                                self.dilation, self.groups)
 
 
-def _convert(module: torch.nn.Module, cls: type) -> None:
+def _convert(module: torch.nn.Module, cls: type, mapped: list[tuple[int, int]] | None) -> int:
+    """Quantize ``module``'s weight in place. With ``mapped`` (:func:`file_ranges`), the pages of the
+    replaced weight in a memory-mapped model file are released (they stay resident until every tensor
+    of that file is gone otherwise); returns their bytes."""
     w8, scale = quantize(module.weight)
+    released = release_file_pages([module.weight.detach()], mapped) if mapped is not None else 0
     del module._parameters["weight"]
     module.register_buffer("weight_fp8", w8)
     module.register_buffer("weight_scale", scale.contiguous().view(torch.uint8))  # survives .to(dtype)
     module.__class__ = cls
+    return released
 
 
 def apply_fp8(model: torch.nn.Module) -> int:
@@ -135,8 +142,12 @@ def apply_fp8(model: torch.nn.Module) -> int:
     Raises:
         ValueError: a layer's weight requires grad (only frozen weights may be quantized).
     """
-    n = 0
+    n = released = 0
     before = sum(p.numel() * p.element_size() for p in model.parameters())
+    mapped = file_ranges()
+    # a weight shared by two layers (tied) is read again after its first conversion: keep its pages
+    ptrs = [m.weight.data_ptr() for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
+    shared = {p for p in ptrs if ptrs.count(p) > 1} if len(set(ptrs)) < len(ptrs) else set()
     for name, m in model.named_modules():
         if type(m) is torch.nn.Linear:
             cls = Fp8Linear
@@ -146,9 +157,10 @@ def apply_fp8(model: torch.nn.Module) -> int:
             continue
         if m.weight.requires_grad:
             raise ValueError(f"{name}: --fp8_base only stores frozen weights; this one requires grad")
-        _convert(m, cls)
+        released += _convert(m, cls, None if m.weight.data_ptr() in shared else mapped)
         n += 1
     after = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for n_, b in model.named_buffers() if n_.endswith(("weight_fp8", "weight_scale")))
-    logger.info("fp8: %d layers stored in float8 (%.0f MB -> %.0f MB)", n, before / 2**20, after / 2**20)
+    logger.info("fp8: %d layers stored in float8 (%.0f MB -> %.0f MB; %.0f MB of mapped file pages released)",
+                n, before / 2**20, after / 2**20, released / 2**20)
     return n
