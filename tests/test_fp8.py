@@ -160,3 +160,16 @@ def test_weights_from_a_mapped_file_give_their_pages_back(tmp_path):
     assert after < before - weight_kb * 0.8, (before, after, weight_kb)  # less the page-straddling rest
     with torch.no_grad():
         assert torch.equal(unet(x, t, ctx).sample, ref(x, t, ctx).sample)
+
+
+def test_only_file_mappings_are_candidates():
+    from library.utils.mapped_pages import file_ranges
+
+    maps = "\n".join([
+        "55d0a000-55d0b000 rw-p 00000000 00:00 0                          [heap]",
+        "7f0000000000-7f0000100000 rw-p 00000000 00:00 0 ",  # anonymous (torch's tensors)
+        "7f1000000000-7f1000800000 rw-p 00000000 fe:00 2146312            /models/unet.safetensors",
+        "7f0800000000-7f0800002000 r--p 00000000 fe:00 77                 /usr/lib/libc.so.6",
+        "7ffd0000-7ffd1000 r-xp 00000000 00:00 0                          [vdso]",
+    ])
+    assert file_ranges(maps) == [(0x7F0800000000, 0x7F0800002000), (0x7F1000000000, 0x7F1000800000)]

@@ -1,7 +1,7 @@
 """Give back the resident pages of memory-mapped weights that a process has replaced.
 
-Weights loaded from safetensors files (by sdtk's reader or by diffusers) are views of a read-only
-mapping of the file, and the mapping lives until the last tensor viewing it is gone. A conversion that
+Weights loaded from safetensors files (by sdtk's reader or by diffusers) are views of a (private,
+copy-on-write) mapping of the file, and the mapping lives until the last tensor viewing it is gone. A conversion that
 replaces most tensors but not all (``--fp8_base`` keeps biases and norms) therefore leaves every page it
 read resident, counted in the process's RSS: quantizing a full-size fp32 SDXL UNet from a diffusers
 folder peaked at 12.9 GB, for 2.5 GB of float8 weights (issue 12, docs/benchmarks.md).
