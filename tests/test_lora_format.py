@@ -18,7 +18,11 @@ from library.models.hashes import safetensors_file_hashes
 from library.models.modelspec import build_modelspec
 from library.models.tiny import build_tiny_model
 from networks import lora
-from test_lora_network import _randomize_up, _te, _te_out, _unet_out
+from tests.helpers_networks import pipeline_of
+from tests.helpers_networks import randomize_lora_up as _randomize_up
+from tests.helpers_networks import te_arg as _te
+from tests.helpers_networks import te_out as _te_out
+from tests.helpers_networks import unet_out as _unet_out
 
 
 def _network(m, **kw) -> lora.LoRANetwork:
@@ -133,21 +137,6 @@ def test_modelspec_values_per_family():
     assert all(isinstance(v, str) for v in xl.values())
 
 
-def _diffusers_pipeline(m):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    sched = DDIMScheduler(**m.scheduler_config)
-    if m.family is Family.SDXL:
-        return StableDiffusionXLPipeline(
-            vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1],
-            tokenizer=m.tokenizers[0], tokenizer_2=m.tokenizers[1], unet=m.unet, scheduler=sched,
-        )
-    return StableDiffusionPipeline(
-        vae=m.vae, text_encoder=m.text_encoders[0], tokenizer=m.tokenizers[0], unet=m.unet, scheduler=sched,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-
-
 @pytest.mark.parametrize(
     "family,network_args",
     [(Family.SD1, {}), (Family.SD1, {"conv_dim": "2", "conv_alpha": "1"}), (Family.SD2, {}), (Family.SDXL, {}), (Family.SDXL, {"conv_dim": "2"})],
@@ -160,7 +149,7 @@ def test_diffusers_load_lora_weights_gives_same_outputs(tmp_path, family, networ
     net.save_weights(str(path), torch.float32, {})
     net.apply_to(_te(ours), ours.unet)
 
-    pipe = _diffusers_pipeline(theirs)
+    pipe = pipeline_of(theirs)
     before = _unet_out(theirs)
     pipe.load_lora_weights(str(path))
     after = _unet_out(theirs)

@@ -15,7 +15,6 @@ from library.models.families import Family
 from library.models.tiny import build_tiny_model
 from networks import lora
 from library.network_contract import NetworkCapabilities, call_prepare_optimizer_params, capabilities_of
-# the names test_lora_format.py and test_dylora.py import from here
 from tests.helpers_networks import randomize_lora_up as _randomize_up
 from tests.helpers_networks import te_arg as _te
 from tests.helpers_networks import te_out as _te_out

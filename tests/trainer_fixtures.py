@@ -39,13 +39,9 @@ def train_argv(model: Path, data: Path, out: Path, *extra: str, steps: int = 4, 
 
 def run_in_process(argv: list[str]) -> int:
     """``train_network.main(argv)`` in this process (accelerate's process-wide state reset first)."""
-    from accelerate.state import AcceleratorState, GradientState
+    from tests.helpers_resume import run_script_in_process
 
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    import train_network
-
-    return train_network.main(argv)
+    return run_script_in_process("train_network", argv)
 
 
 def run_subprocess(argv: list[str], timeout: float = 120, launcher: list[str] | None = None,

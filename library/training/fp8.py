@@ -15,6 +15,7 @@ a network wraps the layers: the network then calls the float8 forward.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -146,8 +147,8 @@ def apply_fp8(model: torch.nn.Module) -> int:
     before = sum(p.numel() * p.element_size() for p in model.parameters())
     mapped = file_ranges()
     # a weight shared by two layers (tied) is read again after its first conversion: keep its pages
-    ptrs = [m.weight.data_ptr() for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
-    shared = {p for p in ptrs if ptrs.count(p) > 1} if len(set(ptrs)) < len(ptrs) else set()
+    uses = Counter(m.weight.data_ptr() for m in model.modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d))
+    shared = {ptr for ptr, count in uses.items() if count > 1}
     for name, m in model.named_modules():
         if type(m) is torch.nn.Linear:
             cls = Fp8Linear

@@ -19,14 +19,12 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
-import logging
+import functools
 import mmap
 import sys
 from typing import Iterable
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 _MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
@@ -52,6 +50,7 @@ def file_ranges(maps_text: str | None = None) -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
 def _libc():
     if not sys.platform.startswith("linux"):
         return None
