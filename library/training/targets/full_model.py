@@ -130,9 +130,11 @@ class FullModelTarget(TrainingTarget):
                                   bool(fused.fused_backward_pass), self.ema is not None,
                                   grad_groups=len(self._groups) if fused.fused_optimizer_groups else 1)
         logger.info(describe(self.memory))
-        if fused.fused_backward_pass:
+        if fused.fused_backward_pass or fused.fused_optimizer_groups:
             from library.training.targets import fused_backward
 
+            fused_backward.materialize_state(s.optimizer)  # before the steps in the backward pass: a steady heap
+        if fused.fused_backward_pass:
             if fused.stochastic_rounding:
                 self._rounding = fused_backward.Bf16Rounding(s.seed)
             fused_backward.attach(s.optimizer, self.args.max_grad_norm, s.accelerator.num_processes,

@@ -70,6 +70,48 @@ class Bf16Rounding:
             p.data = low
 
 
+def materialize_state(optimizer: Any) -> int:
+    """Create Adafactor's per-parameter state now, exactly as its first ``step`` would; returns how many
+    parameters got one.
+
+    Fused steps run inside the backward pass, where each parameter's float32 temporaries (tens of MB for
+    SDXL's large weights) come and go between the autograd's own buffers. A state created lazily there
+    lands in the middle of those freed temporaries and keeps the heap from reusing them: the training
+    heap then grows, by a different amount in every run (sdxl_train ``--full_bf16`` + fused Adafactor
+    peaked at 8.7 to 13.6 GB between identical runs; with the state created up front, 8.8 GB every time:
+    docs/benchmarks.md). The state is the lazily created one (same keys, dtypes, shapes and zeros), so
+    the steps, saved states and resumes do not change (tests/test_fused_backward.py). Other optimizers
+    are left as they are. Parameters that already have a state (a resumed run) are skipped.
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    try:
+        from transformers.optimization import Adafactor
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return 0
+    if not isinstance(inner, Adafactor):
+        return 0
+    made = 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad or inner.state.get(p):  # .get: the state is a defaultdict
+                continue
+            state = inner.state[p]
+            # Adafactor.step works on the gradient in float32 when it is float16/bfloat16
+            kind = dict(dtype=torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype, device=p.device)
+            factored, use_first_moment = inner._get_options(group, p.shape)
+            state["step"] = 0
+            if use_first_moment:
+                state["exp_avg"] = torch.zeros(p.shape, **kind)
+            if factored:
+                state["exp_avg_sq_row"] = torch.zeros(p.shape[:-1], **kind)
+                state["exp_avg_sq_col"] = torch.zeros(p.shape[:-2] + p.shape[-1:], **kind)
+            else:
+                state["exp_avg_sq"] = torch.zeros(p.shape, **kind)
+            state["RMS"] = 0
+            made += 1
+    return made
+
+
 def attach(optimizer: Any, max_grad_norm: float | None, world: int,
            rounding: Bf16Rounding | None = None) -> list[Any]:
     """Register the hooks on every trained parameter of ``optimizer``; returns the hook handles.
