@@ -110,7 +110,11 @@ class Fp8Linear(_Fp8Mixin, torch.nn.Linear):
     """``nn.Linear`` whose frozen weight is stored in float8 (made by :func:`apply_fp8`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _LinearFn.apply(x, self.weight_fp8, self._scale(), self.bias)
+        # The Function sees 2-D rows so that its output is a fresh tensor, not a view made inside
+        # it: a LoRA wrapped around this layer adds its delta into the output in place, which
+        # autograd forbids on a custom Function's view outputs.
+        y = _LinearFn.apply(x.reshape(-1, x.shape[-1]), self.weight_fp8, self._scale(), self.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class Fp8Conv2d(_Fp8Mixin, torch.nn.Conv2d):
