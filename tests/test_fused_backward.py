@@ -65,3 +65,19 @@ def test_a_resumed_state_and_other_optimizers_are_left_alone():
     assert all(torch.equal(before[k], opt.state[params[0]][k]) for k in before)
     adamw = torch.optim.AdamW(_params(torch.float32))
     assert materialize_state(adamw) == 0 and not adamw.state
+
+
+def test_stochastic_rounding_in_chunks_draws_the_same_bits(monkeypatch):
+    """copy_stochastic_ works in chunks (small temporaries); the result is the one-draw result, bit for bit,
+    also into a non-contiguous target."""
+    from library.training.targets import fused_backward as fb
+
+    source = torch.randn(37, 53) * 1e-3 + 1.0
+    results = []
+    for chunk in (1 << 30, 100, 7):
+        monkeypatch.setattr(fb, "_CHUNK", chunk)
+        for target in (torch.empty(37, 53, dtype=torch.bfloat16), torch.empty(53, 37, dtype=torch.bfloat16).t()):
+            fb.copy_stochastic_(target, source, torch.Generator().manual_seed(4))
+            results.append(target.contiguous().view(torch.int16))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    assert not torch.equal(results[0], source.bfloat16().view(torch.int16))  # it is not round-to-nearest
