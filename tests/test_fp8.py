@@ -30,7 +30,8 @@ def _dequantized_copy(unet: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_quantize_error_is_float8_rounding():
-    w = torch.randn(16, 40) * torch.logspace(-3, 0, 16).unsqueeze(1)  # rows of very different scales
+    g = torch.Generator().manual_seed(0)  # its own generator: the plain-cast check below fails for ~1 % of draws
+    w = torch.randn(16, 40, generator=g) * torch.logspace(-3, 0, 16).unsqueeze(1)  # rows of very different scales
     w8, scale = quantize(w)
     assert w8.dtype == torch.uint8 and w8.shape == w.shape and scale.shape == (16,)
     back = dequantize(w8, scale, torch.float32)

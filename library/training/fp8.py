@@ -71,7 +71,7 @@ def _weight_for(w8: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tu
     value itself (times 2**-8 from the integer fast path on CPUs), exact in those dtypes, and the product
     with the scale is rounded once, on the output (at training resolutions much smaller than the
     weight). No float32 copy of the weight is made: SDXL ``--fp8_base --mixed_precision bf16`` LoRA
-    training peaked at 7.0 GB with one, 5.2 GB without, and stepped faster. fp16's range is too narrow
+    training peaked at 7.0 GB with one, 5.2 GB without, at the same step time. fp16's range is too narrow
     for the unscaled products (1/scale times the real ones): there the weight is scaled, as before.
     """
     if dtype == torch.float16:
